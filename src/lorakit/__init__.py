@@ -1,0 +1,40 @@
+"""lorakit: LoRA and QLoRA for any PyTorch model, in PEFT's file format."""
+
+from . import nn
+from .adapters import (
+    count_parameters,
+    delete_adapter,
+    disabled,
+    merge,
+    route,
+    set_active,
+    set_trainable,
+    unload,
+    unmerge,
+)
+from .config import LoraConfig
+from .errors import FormatError, LorakitError
+from .inject import add_adapter, inject
+from .loralib import lora_state_dict, mark_only_lora_as_trainable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "LorakitError",
+    "FormatError",
+    "inject",
+    "add_adapter",
+    "set_active",
+    "set_trainable",
+    "delete_adapter",
+    "disabled",
+    "route",
+    "merge",
+    "unmerge",
+    "unload",
+    "count_parameters",
+    "lora_state_dict",
+    "mark_only_lora_as_trainable",
+    "nn",
+]

@@ -1,0 +1,274 @@
+"""The one adapter core every base kind shares: adapter parameters, scaling, forward, delta, merge/unmerge.
+
+A LoRA layer is the user's own module with its class swapped for a subclass that mixes in `LoraLayer`,
+so parameter names (`q_proj.weight`) and isinstance checks stay as they were and no wrapper module adds
+a call to every forward. A base kind (Linear, Conv1D, Embedding, Conv) supplies only four small hooks:
+the adapter shapes, how the input reaches rank space, how rank space reaches the output, and how a dense
+(out, in) delta is laid out like its weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import LorakitError
+
+LORA_ATTRIBUTES = (
+    "lora_adapters", "lora_active", "lora_merged", "lora_live", "lora_disabled", "lora_merge_on_eval", "lora_routes",
+)
+LORA_PARAMETER_DICTS = ("lora_A", "lora_B")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Per-layer settings of one adapter.
+
+    `groups` splits the output into equal parts and gives each enabled part its own rank-r pair
+    (loralib's MergedLinear `enable_lora`, for fused qkv projections); None adapts the whole output.
+    """
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+    groups: tuple[bool, ...] | None = None
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    @property
+    def n_enabled(self) -> int:
+        return sum(self.groups) if self.groups else 1
+
+
+class LoraLayer:
+    """Mixin holding any number of named adapters on a base layer; see the module docstring."""
+
+    lora_base_class: ClassVar[type[nn.Module]]
+    lora_zero_init_A: ClassVar[bool] = False  # embeddings start from A = 0, B random (PEFT's choice)
+    lora_merge_blocker: ClassVar[str | None] = None  # why this kind cannot merge in place, if it cannot
+
+    lora_A: nn.ParameterDict
+    lora_B: nn.ParameterDict
+    lora_adapters: dict[str, AdapterSpec]
+    lora_active: tuple[str, ...]
+    lora_merged: tuple[str, ...]
+    lora_live: tuple[str, ...]
+    lora_disabled: bool
+    lora_merge_on_eval: bool
+    lora_routes: tuple[tuple[str, Tensor], ...] | None  # per-row adapters: (name, row indices) pairs
+    lora_route_rows: int
+
+    # ---- hooks a base kind implements -------------------------------------------------------------
+    def lora_shapes(self, spec: AdapterSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of A and B; kinds without fused parts reject `spec.groups`."""
+        raise NotImplementedError
+
+    def lora_hidden(self, x: Tensor, A: Tensor) -> Tensor:
+        """Input -> rank space."""
+        raise NotImplementedError
+
+    def lora_expand(self, h: Tensor, B: Tensor) -> Tensor:
+        """Rank space -> output space."""
+        raise NotImplementedError
+
+    def lora_weight_layout(self, delta: Tensor) -> Tensor:
+        """A dense (out, in * kernel) delta shaped like this layer's `weight`."""
+        raise NotImplementedError
+
+    def lora_base_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return self.lora_base_class.forward(self, x, *args, **kwargs)
+
+    @property
+    def lora_out_features(self) -> int:
+        raise NotImplementedError
+
+    # ---- set-up -----------------------------------------------------------------------------------
+    def lora_setup(self, merge_on_eval: bool = False) -> None:
+        """Give a freshly swapped (or constructed) module empty adapter state."""
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_adapters = {}
+        self.lora_active = ()
+        self.lora_merged = ()
+        self.lora_live = ()
+        self.lora_disabled = False
+        self.lora_merge_on_eval = merge_on_eval
+        self.lora_routes = None
+        self._register_load_state_dict_pre_hook(_accept_loralib_keys)
+
+    def lora_teardown(self) -> None:
+        """Remove every trace of lorakit and restore the original class."""
+        for name in LORA_PARAMETER_DICTS:
+            delattr(self, name)
+        for name in LORA_ATTRIBUTES:
+            self.__dict__.pop(name, None)
+        self._load_state_dict_pre_hooks.clear()
+        self.__class__ = self.lora_base_class
+
+    def lora_add(self, name: str, spec: AdapterSpec, init: str = "kaiming") -> None:
+        if name in self.lora_adapters:
+            raise LorakitError(f"adapter {name!r} already exists on {type(self).__name__}; pick another name")
+        if spec.groups is not None and self.lora_out_features % len(spec.groups):
+            raise LorakitError(
+                f"enable_lora has {len(spec.groups)} parts but out_features={self.lora_out_features} "
+                "does not split evenly into them"
+            )
+        shape_a, shape_b = self.lora_shapes(spec)
+        weight = self.lora_reference_weight()
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        A = torch.empty(shape_a, device=weight.device, dtype=dtype)
+        B = torch.empty(shape_b, device=weight.device, dtype=dtype)
+        _init_pair(A, B, spec.r, init, self.lora_zero_init_A)
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        self.lora_adapters[name] = spec
+
+    def lora_delete(self, name: str) -> None:
+        del self.lora_A[name], self.lora_B[name], self.lora_adapters[name]
+        self.lora_active = tuple(n for n in self.lora_active if n != name)
+        self.lora_refresh()
+
+    def lora_reference_weight(self) -> Tensor:
+        """The tensor whose device (and float dtype) new adapters follow."""
+        return self.weight
+
+    # ---- state ------------------------------------------------------------------------------------
+    def lora_set_active(self, names: Iterable[str]) -> None:
+        self.lora_active = tuple(n for n in names if n in self.lora_adapters)
+        self.lora_refresh()
+
+    def lora_refresh(self) -> None:
+        """Recompute which adapters the forward must add (active, not merged, not disabled)."""
+        live = () if self.lora_disabled else tuple(n for n in self.lora_active if n not in self.lora_merged)
+        self.lora_live = live
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        out = self.lora_base_forward(x, *args, **kwargs)
+        if self.lora_routes is not None and not self.lora_disabled:
+            return self._lora_routed(x, out)
+        for name in self.lora_live:
+            out = out + self.lora_term(x, name).to(out.dtype)
+        return out
+
+    def _lora_routed(self, x: Tensor, out: Tensor) -> Tensor:
+        """Each row group gets its own adapter's term; rows routed to None keep the base output."""
+        if x.shape[0] != self.lora_route_rows:
+            raise LorakitError(
+                f"lk.route was given {self.lora_route_rows} rows but {type(self).__name__} sees a batch of "
+                f"{x.shape[0]}; route one name per row of the batch (beam search multiplies rows: repeat names)"
+            )
+        for name, rows in self.lora_routes:
+            if name in self.lora_adapters:
+                out = out.index_add(0, rows, self.lora_term(x.index_select(0, rows), name).to(out.dtype))
+        return out
+
+    def lora_term(self, x: Tensor, name: str) -> Tensor:
+        """scaling * B(A(dropout(x))) for one adapter, in the adapter's dtype."""
+        spec = self.lora_adapters[name]
+        A, B = self.lora_A[name], self.lora_B[name]
+        if x.is_floating_point() and x.dtype != A.dtype:
+            x = x.to(A.dtype)
+        if spec.dropout and self.training and x.is_floating_point():  # token ids (embeddings) take no dropout
+            x = F.dropout(x, spec.dropout, training=True)
+        h = self.lora_hidden(x, A) * spec.scaling
+        if spec.groups is None:
+            return self.lora_expand(h, B)
+        return self._lora_expand_groups(h, B, spec)
+
+    def _lora_expand_groups(self, h: Tensor, B: Tensor, spec: AdapterSpec) -> Tensor:
+        """Each enabled output part gets its own slice of h and B; disabled parts get zeros."""
+        parts, g, r = len(spec.groups), spec.n_enabled, spec.r
+        per_part = B.shape[0] // g
+        y = torch.einsum("...gr,gor->...go", h.unflatten(-1, (g, r)), B.view(g, per_part, r))
+        if g == parts:
+            return y.flatten(-2)
+        out = h.new_zeros(*h.shape[:-1], parts, per_part)
+        out[..., [i for i, on in enumerate(spec.groups) if on], :] = y
+        return out.flatten(-2)
+
+    # ---- weights ----------------------------------------------------------------------------------
+    def lora_delta(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The adapter's scaled update laid out like `weight`, computed in `dtype`."""
+        spec = self.lora_adapters[name]
+        A = self.lora_A[name].detach().to(dtype).flatten(1)
+        B = self.lora_B[name].detach().to(dtype).flatten(1)
+        if spec.groups is None:
+            delta = B @ A
+        else:
+            r, g = spec.r, spec.n_enabled
+            per_part = B.shape[0] // g
+            delta = A.new_zeros(per_part * len(spec.groups), A.shape[1])
+            for j, part in enumerate(i for i, on in enumerate(spec.groups) if on):
+                rows = slice(part * per_part, (part + 1) * per_part)
+                delta[rows] = B[j * per_part:(j + 1) * per_part] @ A[j * r:(j + 1) * r]
+        return self.lora_weight_layout(delta * spec.scaling)
+
+    def lora_merge(self, names: Iterable[str]) -> None:
+        names = [n for n in names if n in self.lora_adapters and n not in self.lora_merged]
+        if names:
+            self._lora_add_to_weight(sum(self.lora_delta(n) for n in names), sign=1.0)
+            self.lora_merged = self.lora_merged + tuple(names)
+            self.lora_refresh()
+
+    def lora_unmerge(self) -> None:
+        if self.lora_merged:
+            self._lora_add_to_weight(sum(self.lora_delta(n) for n in self.lora_merged), sign=-1.0)
+            self.lora_merged = ()
+            self.lora_refresh()
+
+    def _lora_add_to_weight(self, delta: Tensor, sign: float) -> None:
+        """weight += sign * delta through float32, refusing results that are not finite."""
+        weight = self.weight
+        result = (weight.detach().float() + sign * delta).to(weight.dtype)
+        if not torch.isfinite(result).all():
+            raise LorakitError(
+                f"merging into {type(self).__name__} weight ({weight.dtype}) gives non-finite values; "
+                "the adapter is too large for this dtype: keep it unmerged or use a wider dtype"
+            )
+        with torch.no_grad():
+            weight.copy_(result)
+
+    # ---- loralib behaviour: eval() merges, train() unmerges -----------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)  # type: ignore[misc]
+        if self.lora_merge_on_eval:
+            if mode:
+                self.lora_unmerge()
+            else:
+                self.lora_merge(self.lora_active)
+        return self
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    return isinstance(module, LoraLayer)
+
+
+def _init_pair(A: Tensor, B: Tensor, r: int, init: str, zero_A: bool) -> None:
+    """Start with B.A = 0 so the adapted model equals the base model."""
+    with torch.no_grad():
+        if zero_A:
+            nn.init.zeros_(A)
+            nn.init.normal_(B)
+        elif init == "gaussian":
+            nn.init.normal_(A, std=1.0 / r)
+            nn.init.zeros_(B)
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+
+
+def _accept_loralib_keys(module: LoraLayer, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Let `load_state_dict` read loralib's `<layer>.lora_A` keys into the "default" adapter."""
+    for kind in LORA_PARAMETER_DICTS:
+        key = prefix + kind
+        if key in state_dict and "default" in module.lora_adapters:
+            state_dict[f"{key}.default"] = state_dict.pop(key)

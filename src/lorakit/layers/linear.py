@@ -1,0 +1,117 @@
+"""Linear base kinds: nn.Linear (optionally stored in x out, as loralib's fan_in_fan_out) and MergedLinear."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import LorakitError
+from .core import AdapterSpec, LoraLayer
+
+
+class LinearKind(LoraLayer):
+    """Hooks shared by every dense projection: A is (r, in), B is (out, r)."""
+
+    fan_in_fan_out: bool = False  # weight stored as (in, out), like transformers' Conv1D
+
+    def lora_shapes(self, spec: AdapterSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        if spec.groups is None:
+            return (spec.r, self.lora_in_features), (self.lora_out_features, spec.r)
+        per_part = self.lora_out_features // len(spec.groups)
+        return (spec.r * spec.n_enabled, self.lora_in_features), (per_part * spec.n_enabled, spec.r)
+
+    @property
+    def lora_in_features(self) -> int:
+        return self.weight.shape[0] if self.fan_in_fan_out else self.weight.shape[1]
+
+    @property
+    def lora_out_features(self) -> int:
+        return self.weight.shape[1] if self.fan_in_fan_out else self.weight.shape[0]
+
+    def lora_hidden(self, x: Tensor, A: Tensor) -> Tensor:
+        return F.linear(x, A)
+
+    def lora_expand(self, h: Tensor, B: Tensor) -> Tensor:
+        return F.linear(h, B)
+
+    def lora_weight_layout(self, delta: Tensor) -> Tensor:
+        return delta.T if self.fan_in_fan_out else delta
+
+
+class Linear(LinearKind, nn.Linear):
+    """nn.Linear with adapters; also loralib's `lora.Linear` when constructed directly.
+
+    With `merge_weights=True` (loralib's default) `eval()` folds the adapter into the weight and
+    `train()` takes it out again.
+    """
+
+    lora_base_class = nn.Linear
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        self.lora_setup(merge_on_eval=merge_weights)
+        if fan_in_fan_out:
+            self.fan_in_fan_out = True
+            self.weight.data = self.weight.data.T.contiguous()
+        if r > 0:
+            self.lora_add("default", self._loralib_spec(r, lora_alpha, lora_dropout))
+            self.lora_set_active(["default"])
+            self.weight.requires_grad = False
+
+    def _loralib_spec(self, r: int, alpha: float, dropout: float) -> AdapterSpec:
+        return AdapterSpec(r=r, alpha=alpha, dropout=dropout)
+
+    def lora_base_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.fan_in_fan_out:
+            return F.linear(x, self.weight.T, self.bias)
+        return self.lora_base_class.forward(self, x, *args, **kwargs)
+
+    def lora_teardown(self) -> None:
+        if self.__dict__.pop("fan_in_fan_out", False):
+            self.weight.data = self.weight.data.T.contiguous()
+        super().lora_teardown()
+
+
+class MergedLinear(Linear):
+    """loralib's MergedLinear: one fused projection (e.g. qkv) whose parts each get their own adapter.
+
+    `enable_lora=[True, False, True]` adapts q and v of a fused qkv; x·A is computed once for all parts.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        enable_lora: Sequence[bool] = (False,),
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self._enable_lora = tuple(bool(e) for e in enable_lora)
+        if out_features % len(self._enable_lora):
+            raise LorakitError(
+                f"MergedLinear: out_features={out_features} must split evenly into len(enable_lora)="
+                f"{len(self._enable_lora)} parts"
+            )
+        if r > 0 and not any(self._enable_lora):
+            raise LorakitError("MergedLinear: enable_lora has no True entry; enable at least one part or use r=0")
+        super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, **kwargs)
+
+    def _loralib_spec(self, r: int, alpha: float, dropout: float) -> AdapterSpec:
+        return AdapterSpec(r=r, alpha=alpha, dropout=dropout, groups=self._enable_lora)
+
