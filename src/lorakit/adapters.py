@@ -173,9 +173,19 @@ def _merged(model: nn.Module) -> set[str]:
 
 
 def _check_mergeable(model: nn.Module) -> None:
+    """Refuse before touching any weight: kinds that cannot merge, and weights other modules share."""
+    owners: dict[int, list[str]] = {}
+    for param_name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(param_name)
     for name, layer in lora_layers(model):
         if layer.lora_merge_blocker:
             raise LorakitError(f"cannot merge into {name}: {layer.lora_merge_blocker}")
+        shared = owners.get(id(getattr(layer, "weight", None)), [])
+        if len(shared) > 1:
+            raise LorakitError(
+                f"cannot merge into {name}: its weight is tied to {[n for n in shared if not n.startswith(name + '.')]}, "
+                "which merging would change too; keep the adapter unmerged, or untie the weights first"
+            )
 
 
 def _set_disabled(model: nn.Module, on: bool) -> None:

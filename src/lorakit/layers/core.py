@@ -161,9 +161,12 @@ class LoraLayer:
 
     def _lora_routed(self, x: Tensor, out: Tensor) -> Tensor:
         """Each row group gets its own adapter's term; rows routed to None keep the base output."""
-        if x.shape[0] != self.lora_route_rows:
+        rows_wanted = self.lora_route_rows
+        if x.shape[0] == 1 and rows_wanted > 1:  # inputs shared by every row (e.g. position ids)
+            x, out = x.expand(rows_wanted, *x.shape[1:]), out.expand(rows_wanted, *out.shape[1:])
+        if x.shape[0] != rows_wanted:
             raise LorakitError(
-                f"lk.route was given {self.lora_route_rows} rows but {type(self).__name__} sees a batch of "
+                f"lk.route was given {rows_wanted} rows but {type(self).__name__} sees a batch of "
                 f"{x.shape[0]}; route one name per row of the batch (beam search multiplies rows: repeat names)"
             )
         for name, rows in self.lora_routes:
