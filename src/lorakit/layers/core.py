@@ -102,7 +102,7 @@ class LoraLayer:
         self.lora_disabled = False
         self.lora_merge_on_eval = merge_on_eval
         self.lora_routes = None
-        self._register_load_state_dict_pre_hook(_accept_loralib_keys)
+        self._register_load_state_dict_pre_hook(_accept_loralib_keys, with_module=True)
 
     def lora_teardown(self) -> None:
         """Remove every trace of lorakit and restore the original class."""
