@@ -15,9 +15,10 @@ from .adapters import (
 from .config import LoraConfig
 from .errors import FormatError, LorakitError
 from .inject import add_adapter, inject
+from .io import adapter_state_dict, load, load_loralib, save
 from .loralib import lora_state_dict, mark_only_lora_as_trainable
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 __all__ = [
     "LoraConfig",
@@ -34,6 +35,10 @@ __all__ = [
     "unmerge",
     "unload",
     "count_parameters",
+    "save",
+    "load",
+    "load_loralib",
+    "adapter_state_dict",
     "lora_state_dict",
     "mark_only_lora_as_trainable",
     "nn",

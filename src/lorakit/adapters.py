@@ -70,9 +70,11 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     for _, layer in lora_layers(model):
         if name in layer.lora_adapters:
             layer.lora_delete(name)
-    for _, wrapper in saved_modules(model):
+    for module_name, wrapper in list(saved_modules(model)):
         if name in wrapper.modules_to_save:
             del wrapper.modules_to_save[name]
+        if not len(wrapper.modules_to_save):
+            replace_module(model, module_name, wrapper.original_module)
     del state.configs[name]
     state.trainable = tuple(n for n in state.trainable if n != name)
     return model
@@ -155,9 +157,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     for _, layer in list(lora_layers(model)):
         layer.lora_teardown()
     for name, wrapper in list(saved_modules(model)):
-        parent_name, _, child = name.rpartition(".")
-        keep = wrapper.current() if merge else wrapper.original_module
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, keep)
+        replace_module(model, name, wrapper.current() if merge else wrapper.original_module)
     delattr(model, STATE_ATTRIBUTE)
     return model
 
@@ -166,6 +166,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared tensors count once."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where the submodule called `name` is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _merged(model: nn.Module) -> set[str]:

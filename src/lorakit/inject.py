@@ -11,7 +11,7 @@ from typing import Iterator
 
 from torch import nn
 
-from .adapters import set_active, set_trainable
+from .adapters import replace_module, set_active, set_trainable
 from .config import ARCHITECTURE_TARGETS, LoraConfig
 from .errors import LorakitError
 from .layers.core import AdapterSpec, LoraLayer
@@ -39,11 +39,7 @@ def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default") -> nn.Mo
             "lk.add_adapter(model, name, cfg) for another one, or lk.unload(model) to start over"
         )
     targets, saved = _plan(model, cfg)
-    setattr(model, STATE_ATTRIBUTE, LorakitState())
-    _apply(model, cfg, adapter, targets, saved)
-    set_active(model, adapter)
-    set_trainable(model, adapter)
-    return model
+    return _commit(model, cfg, adapter, targets, saved)
 
 
 def add_adapter(model: nn.Module, adapter: str, cfg: LoraConfig) -> nn.Module:
@@ -55,15 +51,23 @@ def add_adapter(model: nn.Module, adapter: str, cfg: LoraConfig) -> nn.Module:
     if any(m.lora_merged for _, m in lora_layers(model)):
         raise LorakitError("adapters are merged into the weights; call lk.unmerge(model) before adding one")
     targets, saved = _plan(model, cfg)
-    _apply(model, cfg, adapter, targets, saved)
-    set_active(model, state.active)
-    set_trainable(model, state.trainable)
-    return model
+    return _commit(model, cfg, adapter, targets, saved)
+
+
+def attach(model: nn.Module, adapter: str, cfg: LoraConfig, specs: dict[str, AdapterSpec]) -> nn.Module:
+    """Adapters with explicit per-module settings (read from a file): `inject` on a plain model, else
+    `add_adapter`. `cfg` is kept for saving; its targets are not matched again."""
+    state = find_state(model)
+    if state is not None and adapter in state.configs:
+        raise LorakitError(f"adapter {adapter!r} already exists; delete it first or load under another name")
+    modules = dict(base_modules(model))
+    targets = [_Target(name, modules[name], _lora_class(name, modules[name]), spec) for name, spec in specs.items()]
+    return _commit(model, cfg, adapter, targets, _plan_saved(model, cfg.modules_to_save))
 
 
 def adaptable_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Modules lorakit could adapt (or has adapted), skipping lorakit's own internals."""
-    for name, module in _base_modules(model):
+    for name, module in base_modules(model):
         if isinstance(module, LoraLayer) or lora_class_for(type(module)) is not None:
             yield name, module
 
@@ -117,7 +121,7 @@ def _plan(model: nn.Module, cfg: LoraConfig) -> tuple[list[_Target], list[tuple[
     targets = resolve_targets(model, cfg.target_modules)
     matched = [
         (name, module)
-        for name, module in _base_modules(model)
+        for name, module in base_modules(model)
         if name_matches(targets, name)
         and not (cfg.exclude_modules is not None and name_matches(cfg.exclude_modules, name))
         and not any(name == s or name.startswith(s + ".") for s in saved_names)
@@ -130,30 +134,49 @@ def _plan(model: nn.Module, cfg: LoraConfig) -> tuple[list[_Target], list[tuple[
         )
     plan = []
     for name, module in matched:
-        lora_class = None if isinstance(module, LoraLayer) else lora_class_for(type(module))
-        if lora_class is None and not isinstance(module, LoraLayer):
-            raise LorakitError(
-                f"target {name!r} is a {type(module).__name__}, which lorakit cannot adapt (it adapts "
-                f"{ADAPTABLE_KINDS}); narrow target_modules, e.g. to: "
-                f"{_summarize(n for n, _ in adaptable_modules(model))}"
-            )
-        groups = getattr(module, "groups", 1)
-        if isinstance(module, nn.modules.conv._ConvNd) and groups != 1:
-            raise LorakitError(f"target {name!r} is a convolution with groups={groups}; lorakit adapts groups=1 only")
         spec = AdapterSpec(r=cfg.rank_for(name), alpha=cfg.alpha_for(name), dropout=cfg.dropout,
                            use_rslora=cfg.use_rslora)
-        plan.append(_Target(name, module, lora_class, spec))
+        plan.append(_Target(name, module, _lora_class(name, module, model), spec))
     return plan, saved
+
+
+def _lora_class(name: str, module: nn.Module, model: nn.Module | None = None) -> type[LoraLayer] | None:
+    """The class `module` is swapped to (None: already a LoRA layer); a clear error when it cannot be."""
+    if isinstance(module, LoraLayer):
+        return None
+    lora_class = lora_class_for(type(module))
+    if lora_class is None:
+        hint = f"; narrow target_modules, e.g. to: {_summarize(n for n, _ in adaptable_modules(model))}" if model else ""
+        raise LorakitError(
+            f"target {name!r} is a {type(module).__name__}, which lorakit cannot adapt (it adapts {ADAPTABLE_KINDS})"
+            + hint
+        )
+    groups = getattr(module, "groups", 1)
+    if isinstance(module, nn.modules.conv._ConvNd) and groups != 1:
+        raise LorakitError(f"target {name!r} is a convolution with groups={groups}; lorakit adapts groups=1 only")
+    return lora_class
 
 
 def _plan_saved(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module]]:
     found = []
     for wanted in names:
-        hits = [(n, m) for n, m in _base_modules(model) if name_matches([wanted], n)]
+        hits = [(n, m) for n, m in base_modules(model) if name_matches([wanted], n)]
         if not hits:
             raise LorakitError(f"modules_to_save entry {wanted!r} matches no module in this model")
         found.extend(hits)
     return found
+
+
+def _commit(model: nn.Module, cfg: LoraConfig, adapter: str, targets: list[_Target],
+            saved: list[tuple[str, nn.Module]]) -> nn.Module:
+    """Apply a checked plan: a first adapter becomes active and trainable, later ones neither."""
+    state = find_state(model)
+    if state is None:
+        setattr(model, STATE_ATTRIBUTE, LorakitState())
+    _apply(model, cfg, adapter, targets, saved)
+    set_active(model, state.active if state else adapter)
+    set_trainable(model, state.trainable if state else adapter)
+    return model
 
 
 def _apply(model: nn.Module, cfg: LoraConfig, adapter: str, targets: list[_Target],
@@ -171,19 +194,18 @@ def _apply(model: nn.Module, cfg: LoraConfig, adapter: str, targets: list[_Targe
 
 
 def _wrap(model: nn.Module, name: str, module: nn.Module) -> ModulesToSave:
-    parent_name, _, child = name.rpartition(".")
     wrapper = ModulesToSave(module)
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
+    replace_module(model, name, wrapper)
     return wrapper
 
 
-def _base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+def base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """named_modules() without lorakit's internals (adapter dicts, saved copies)."""
     for child_name, child in model.named_children():
         name = f"{prefix}.{child_name}" if prefix else child_name
         yield name, child
         if not isinstance(child, (LoraLayer, ModulesToSave)):
-            yield from _base_modules(child, name)
+            yield from base_modules(child, name)
 
 
 def _summarize(names: Iterator[str], limit: int = 20) -> str:

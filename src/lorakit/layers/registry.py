@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 
 from .conv import Conv1d, Conv2d, Conv3d
-from .core import LoraLayer
+from .core import AdapterSpec, LoraLayer
 from .embedding import Embedding
 from .linear import Linear
 
@@ -61,3 +63,12 @@ def _subclass(lora_cls: type[LoraLayer], cls: type[nn.Module]) -> type[LoraLayer
         globals()[name] = new_cls  # importable by name, so models with it pickle and deepcopy
         _SUBCLASSES[cls] = new_cls
     return _SUBCLASSES[cls]
+
+
+def planned_shapes(module: nn.Module, spec: AdapterSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of A and B that adapting `module` with `spec` would create, without touching `module`."""
+    if isinstance(module, LoraLayer):
+        return module.lora_shapes(spec)
+    probe = copy.copy(module)  # shares the tensors; only the probe's class changes
+    probe.__class__ = lora_class_for(type(module))
+    return probe.lora_shapes(spec)

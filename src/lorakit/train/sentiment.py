@@ -18,7 +18,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorakit.errors import LorakitError
+from lorakit.errors import FormatError, LorakitError
 
 PROMPT = "Review: {text}\nSentiment:"
 ANSWERS = (" negative", " positive")  # indexed by label: 0 = negative, 1 = positive
@@ -56,12 +56,21 @@ def read_rows(path: Path | None = None) -> list[tuple[int, float, str]]:
 
         path = default_data_path()
     # The file is UTF-8 with CRLF line ends (its sha256 is pinned); strict decoding surfaces any other bytes.
-    with open(path, encoding="utf-8", newline=None) as f:
-        lines = f.read().split("\n")
+    try:
+        with open(path, encoding="utf-8", newline=None) as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as err:
+        raise FormatError(f"{path} is not UTF-8 text ({err}).") from None
     rows = []
-    for line in filter(None, lines):
-        id_, rating, text = line.split("\t", 2)
-        rows.append((int(id_), float(rating), " ".join(text.split())))
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            id_, rating, text = line.split("\t", 2)
+            rows.append((int(id_), float(rating), " ".join(text.split())))
+        except ValueError:
+            expected = "id<TAB>mean rating<TAB>text"
+            raise FormatError(f"{path} line {number}: expected {expected}, got {line[:60]!r}.") from None
     return rows
 
 
@@ -75,12 +84,16 @@ def load_examples(path: Path | None = None, threshold: float = THRESHOLD) -> lis
 
 
 def split(examples: list[Example], n_test: int = N_TEST, seed: int = 0) -> tuple[list[Example], list[Example]]:
-    """(train, test): test holds the sentences of the n_test lowest hash keys; both keep file order."""
-    keyed = [(_key(e.text, seed), e) for e in examples]
-    keys = sorted({k for k, _ in keyed})
-    if not 0 < n_test < len(keys):
-        raise LorakitError(f"n_test must be between 1 and {len(keys) - 1} (distinct sentences), got {n_test}.")
-    test_keys = set(keys[:n_test])
+    """(train, test): test holds the sentences of the n_test lowest hash keys.
+
+    Both come in hash order, a fixed shuffle: the file lists positive sentences first, so any prefix of
+    a list in file order would be nearly all one class.
+    """
+    keyed = sorted(((_key(e.text, seed), e) for e in examples), key=lambda ke: (ke[0], ke[1].id))
+    distinct = list(dict.fromkeys(k for k, _ in keyed))
+    if not 0 < n_test < len(distinct):
+        raise LorakitError(f"n_test must be between 1 and {len(distinct) - 1} (distinct sentences), got {n_test}.")
+    test_keys = set(distinct[:n_test])
     return [e for k, e in keyed if k not in test_keys], [e for k, e in keyed if k in test_keys]
 
 

@@ -1,0 +1,15 @@
+"""4-bit NF4/FP4 quantization in bitsandbytes' format, in plain PyTorch: tensors, Linear4bit, whole models."""
+
+from .linear4bit import Linear4bit
+from .model import QuantReport, dequantize_model, quantization_report, quantize_model
+from .tensor import QuantizedTensor, quantize
+
+__all__ = [
+    "Linear4bit",
+    "QuantReport",
+    "QuantizedTensor",
+    "dequantize_model",
+    "quantization_report",
+    "quantize",
+    "quantize_model",
+]

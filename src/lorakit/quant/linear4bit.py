@@ -1,0 +1,214 @@
+"""Linear4bit: a frozen 4-bit linear layer that trains through its input and saves in bitsandbytes' format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import FormatError, LorakitError
+from .codes import QUANT_TYPES
+from .tensor import QuantizedTensor, check_config, quantize
+
+_TENSORS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map")
+_FLOAT_STATS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """The non-tensor half of a QuantizedTensor, passed through autograd unchanged."""
+
+    quant_type: str
+    blocksize: int
+    shape: torch.Size
+    dtype: torch.dtype
+    nested_offset: float | None
+
+    def build(self, packed, absmax, quant_map, nested_absmax, nested_quant_map) -> QuantizedTensor:
+        return QuantizedTensor(packed.view(-1), absmax, quant_map, self.quant_type, self.blocksize, self.shape,
+                               self.dtype, nested_absmax, nested_quant_map, self.nested_offset)
+
+
+class _DequantLinear(torch.autograd.Function):
+    """x @ W.T + b where W is rebuilt from its 4-bit codes in forward and again in backward.
+
+    Only the quantized tensors are saved, so no dense copy of W outlives the step that needed it,
+    and W never receives a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, spec, packed, absmax, quant_map, nested_absmax, nested_quant_map):
+        ctx.spec = spec
+        ctx.save_for_backward(packed, absmax, quant_map, nested_absmax, nested_quant_map)
+        weight = spec.build(packed, absmax, quant_map, nested_absmax, nested_quant_map).dequantize(x.dtype)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = ctx.spec.build(*ctx.saved_tensors).dequantize(grad_out.dtype)
+            grad_x = grad_out @ weight
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_bias, None, None, None, None, None, None
+
+
+class Linear4bit(nn.Module):
+    """A linear layer whose weight is stored as 4-bit NF4/FP4 codes (QLoRA's frozen base).
+
+    The input is cast to `compute_dtype` and the output is in `compute_dtype`. The weight is dequantized
+    inside each forward and backward and dropped right after; it never gets a gradient. The state dict
+    is bitsandbytes' (`weight`, `weight.absmax`, `weight.quant_map`, `weight.nested_absmax`,
+    `weight.nested_quant_map`, `weight.quant_state.bitsandbytes__nf4`, `bias`), so checkpoints move
+    between lorakit and bitsandbytes unchanged.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        quant_type: str = "nf4",
+        compute_dtype: torch.dtype = torch.bfloat16,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_config(quant_type, blocksize)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = compute_dtype
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device)) if bias else None
+        qt = QuantizedTensor.zeros((out_features, in_features), quant_type, blocksize, double_quant,
+                                   dtype=compute_dtype, device=device)
+        self._set_quantized(qt)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        quant_type: str = "nf4",
+        compute_dtype: torch.dtype = torch.bfloat16,
+        blocksize: int = 64,
+        double_quant: bool = True,
+    ) -> Linear4bit:
+        """Quantize an nn.Linear's weight (on its own device); the bias is copied in `compute_dtype`."""
+        if not isinstance(linear, nn.Linear):
+            raise LorakitError(f"from_linear needs a torch.nn.Linear, got {type(linear).__name__}")
+        qt = quantize(linear.weight.detach(), quant_type, blocksize, double_quant)
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, quant_type=quant_type,
+                     compute_dtype=compute_dtype, blocksize=blocksize, double_quant=double_quant, device="meta")
+        module._set_quantized(qt)
+        if linear.bias is not None:
+            bias = linear.bias.detach().to(compute_dtype, copy=True)
+            module.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
+        return module
+
+    def _set_quantized(self, qt: QuantizedTensor) -> None:
+        if tuple(qt.shape) != (self.out_features, self.in_features):
+            raise FormatError(f"quantized weight has shape {list(qt.shape)} but this layer is "
+                              f"(out_features, in_features) = ({self.out_features}, {self.in_features})")
+        self.register_buffer("weight", qt.packed.view(-1, 1))
+        for name in _TENSORS[1:]:
+            self.register_buffer(name, getattr(qt, name))
+        self.quant_type = qt.quant_type
+        self.blocksize = qt.blocksize
+        self.weight_dtype = qt.dtype
+        self.nested_offset = qt.nested_offset
+
+    def _spec(self) -> _Spec:
+        shape = torch.Size((self.out_features, self.in_features))
+        return _Spec(self.quant_type, self.blocksize, shape, self.weight_dtype, self.nested_offset)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def quantized_weight(self) -> QuantizedTensor:
+        """The weight as a QuantizedTensor sharing this module's buffers."""
+        return self._spec().build(*(getattr(self, name) for name in _TENSORS))
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense (out_features, in_features) weight in `dtype` (default: the dtype it was quantized from)."""
+        return self.quantized_weight.dequantize(dtype)
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """An nn.Linear with the dequantized weight (frozen, as here) and a copy of the bias."""
+        weight = self.dequantize_weight(dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta", dtype=weight.dtype)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().to(weight.dtype, copy=True),
+                                       requires_grad=self.bias.requires_grad)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.compute_dtype)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return _DequantLinear.apply(x, bias, self._spec(), *(getattr(self, name) for name in _TENSORS))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
+                f"compute_dtype={self.compute_dtype}")
+
+    def _apply(self, fn, recurse=True):
+        # Statistics stay float32: model.to(torch.bfloat16) or .half() may move them but must not round them.
+        before = {name: self._buffers[name] for name in _FLOAT_STATS if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        stats = self.quantized_weight.to_bnb(prefix + "weight")
+        del stats[prefix + "weight"]
+        entries = {prefix + "weight": self.weight}  # bitsandbytes' order: weight, bias, then the statistics
+        if self.bias is not None:
+            entries[prefix + "bias"] = self.bias
+        for key, value in (entries | stats).items():
+            destination[key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        wkey, bkey = prefix + "weight", prefix + "bias"
+        known = {wkey, bkey} | {f"{wkey}.{k}" for k in _FLOAT_STATS}
+        known |= {f"{wkey}.quant_state.bitsandbytes__{q}" for q in QUANT_TYPES}
+        unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
+        if wkey not in state_dict:
+            missing_keys.append(wkey)
+        else:
+            self._load_weight(state_dict, wkey)
+        if self.bias is not None:
+            if bkey not in state_dict:
+                missing_keys.append(bkey)
+                return
+            bias = state_dict[bkey]
+            if bias.shape != self.bias.shape:
+                raise FormatError(f"{bkey} has shape {list(bias.shape)}, this layer needs {list(self.bias.shape)}")
+            with torch.no_grad():
+                self.bias.copy_(bias)
+        elif bkey in state_dict:
+            unexpected_keys.append(bkey)
+
+    def _load_weight(self, state_dict, wkey: str) -> None:
+        weight = state_dict[wkey]
+        device = self.weight.device if not self.weight.is_meta else weight.device
+        if weight.is_floating_point() and weight.shape == (self.out_features, self.in_features):
+            # A dense checkpoint (e.g. the original model's): quantize it with this layer's settings.
+            qt = quantize(weight.to(device), self.quant_type, self.blocksize, self.double_quant)
+        else:
+            qt = QuantizedTensor.from_bnb(state_dict, wkey).to(device, copy=True)
+        if self.bias is not None and self.bias.is_meta:
+            self.bias = nn.Parameter(torch.empty_like(self.bias, device=device), self.bias.requires_grad)
+        self._set_quantized(qt)

@@ -1,0 +1,114 @@
+"""Whole-model quantization: nn.Linear -> Linear4bit in place, back again, and what it saved."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import LorakitError
+from .linear4bit import Linear4bit
+from .tensor import check_config
+
+logger = logging.getLogger("lorakit.quant")
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """Memory of a model's parameters and buffers before and after 4-bit quantization."""
+
+    layers: int  # Linear4bit modules in the model
+    dense_bytes: int  # what their weights took in their original dtype
+    quantized_bytes: int  # what their codes and statistics take
+    model_bytes: int  # whole model now (parameters and buffers, shared tensors counted once)
+
+    @property
+    def model_bytes_before(self) -> int:
+        return self.model_bytes - self.quantized_bytes + self.dense_bytes
+
+    def __str__(self) -> str:
+        mib = 2**20
+        return (f"{self.layers} linear layers in 4 bits: model {self.model_bytes_before / mib:.1f} MiB -> "
+                f"{self.model_bytes / mib:.1f} MiB (those weights {self.dense_bytes / mib:.1f} MiB -> "
+                f"{self.quantized_bytes / mib:.1f} MiB)")
+
+
+def quantization_report(model: nn.Module) -> QuantReport:
+    """Count the model's memory now and what its Linear4bit weights took before quantization."""
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    dense = sum(m.in_features * m.out_features * m.weight_dtype.itemsize for m in layers)
+    quantized = sum(m.quantized_weight.nbytes for m in layers)
+    seen: dict[int, int] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = tensor.data_ptr() or id(tensor)  # shared storage counted once; meta tensors have no pointer
+        seen[key] = max(seen.get(key, 0), tensor.numel() * tensor.element_size())
+    return QuantReport(len(layers), dense, quantized, sum(seen.values()))
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _linear_names(model: nn.Module, skip: list[str]) -> list[str]:
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    owners = {id(child): parent for parent in model.modules() for child in parent.children()}
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or _matches(name, skip) or module is head:
+            continue
+        if isinstance(owners.get(id(module)), nn.MultiheadAttention):
+            continue  # MultiheadAttention reads out_proj.weight directly, never calls the module
+        if uses[id(module.weight)] > 1:
+            logger.info("lorakit: keeping %s dense: its weight is tied to another module", name)
+            continue
+        names.append(name)
+    return names
+
+
+def quantize_model(
+    model: nn.Module,
+    quant_type: str = "nf4",
+    compute_dtype: torch.dtype = torch.bfloat16,
+    skip: list[str] | tuple[str, ...] = ("lm_head",),
+    blocksize: int = 64,
+    double_quant: bool = True,
+) -> nn.Module:
+    """Replace the model's nn.Linear layers with Linear4bit in place and return the model.
+
+    `skip` holds module names (exact or dotted suffix) to keep dense; the output head
+    (`model.get_output_embeddings()`) and weights tied to other modules always stay dense.
+    Layers are converted one at a time, so peak memory grows by one dense layer at most.
+    See `quantization_report(model)` for the memory saved (also logged at INFO).
+    """
+    check_config(quant_type, blocksize)
+    if isinstance(skip, str):
+        skip = [skip]
+    if isinstance(model, nn.Linear):
+        raise LorakitError("quantize_model replaces layers inside a model; for a single nn.Linear use "
+                           "Linear4bit.from_linear(linear)")
+    names = _linear_names(model, list(skip))
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = parent.get_submodule(child)
+        setattr(parent, child, Linear4bit.from_linear(linear, quant_type, compute_dtype, blocksize, double_quant))
+        del linear
+    logger.info("lorakit: %s", quantization_report(model))
+    return model
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every Linear4bit with an nn.Linear holding its dequantized weight (in `dtype`, default the
+    dtype it was quantized from; the weight stays frozen) in place, and return the model."""
+    if isinstance(model, Linear4bit):
+        raise LorakitError("dequantize_model replaces layers inside a model; for one layer use layer.to_linear()")
+    names = [name for name, module in model.named_modules() if isinstance(module, Linear4bit)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, parent.get_submodule(child).to_linear(dtype))
+    return model
