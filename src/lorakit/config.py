@@ -86,10 +86,10 @@ class LoraConfig:
 
     def rank_for(self, module_name: str) -> int:
         """The rank of `module_name`: the first rank_pattern entry matching its name, else r."""
-        return _first_match(self.rank_pattern, module_name, self.r)
+        return pattern_value(self.rank_pattern, module_name, self.r)
 
     def alpha_for(self, module_name: str) -> float:
-        return _first_match(self.alpha_pattern, module_name, self.alpha)
+        return pattern_value(self.alpha_pattern, module_name, self.alpha)
 
     def scaling_for(self, module_name: str) -> float:
         """alpha / r, or alpha / sqrt(r) with rsLoRA, for this module's rank and alpha."""
@@ -105,7 +105,8 @@ def pattern_matches(pattern: str, module_name: str) -> bool:
     return re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module_name) is not None
 
 
-def _first_match(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    """The value of the first pattern matching `module_name`, else `default`."""
     for pattern, value in patterns.items():
         if pattern_matches(pattern, module_name):
             return value
