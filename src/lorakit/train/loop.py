@@ -1,0 +1,236 @@
+"""The training loop the library and the CLI share: AdamW (LoRA+ groups), warmup + cosine, accumulation,
+clipping, mixed precision, checkpoints with exact resume, and DDP across processes.
+
+Every optimizer step sees one global batch of `batch_size` examples, fixed by (seed, epoch, step), split
+over ranks and accumulation micro-batches; the loss is normalised by the global number of labelled
+tokens, so one process and N processes compute the same update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import LorakitError
+from ..optim import param_groups, warmup_cosine
+from . import checkpoint, distributed
+from .data import batch_order, shard
+
+LossFn = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, int]]
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings; `batch_size` is the global batch of one optimizer step."""
+
+    steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-4
+    lora_plus_ratio: float = 1.0
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: float | None = 1.0
+    eval_every: int = 0
+    save_every: int = 0
+    seed: int = 0
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise LorakitError(f"batch_size and grad_accum must be >= 1, got {self.batch_size}, {self.grad_accum}")
+        if self.steps is not None and self.steps < 1:
+            raise LorakitError(f"steps must be >= 1, got {self.steps}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise LorakitError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    tokens: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def final_loss(self) -> float:
+        losses = [h["loss"] for h in self.history if "loss" in h]
+        return losses[-1] if losses else float("nan")
+
+
+class Trainer:
+    """Runs `settings` on `model` (already injected) over `examples`, batched by `collate`."""
+
+    def __init__(self, model: nn.Module, examples: list[Any], collate: Callable[[list[Any]], dict[str, Tensor]],
+                 loss_fn: LossFn, settings: TrainSettings, out_dir: Path | None = None,
+                 evaluate: Callable[[], dict[str, float]] | None = None,
+                 on_step: Callable[[int], None] | None = None, progress: bool = True) -> None:
+        if not examples:
+            raise LorakitError("no training examples")
+        self.model, self.examples, self.collate, self.loss_fn = model, examples, collate, loss_fn
+        self.settings, self.out_dir, self.evaluate, self.on_step = settings, out_dir, evaluate, on_step
+        self.device = next(model.parameters()).device
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        if settings.batch_size % (self.world * settings.grad_accum):
+            raise LorakitError(f"batch_size {settings.batch_size} must divide evenly over {self.world} processes x "
+                               f"{settings.grad_accum} accumulation steps")
+        self.per_epoch = math.ceil(len(examples) / settings.batch_size)
+        self.total = settings.steps or max(1, math.ceil(settings.epochs * self.per_epoch))
+        self.progress = progress and distributed.is_main()
+        self.amp_dtype = amp_dtype(settings.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        if settings.gradient_checkpointing:
+            _enable_checkpointing(model)
+        self.ddp = distributed.wrap(model)
+        self.optimizer = torch.optim.AdamW(param_groups(model, settings.lr, settings.lora_plus_ratio,
+                                                        settings.weight_decay))
+        self.scheduler = warmup_cosine(self.optimizer, int(settings.warmup_ratio * self.total), self.total)
+
+    # ---- public ------------------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> TrainResult:
+        step, history = self._resume() if resume else (0, [])
+        result = TrainResult(steps=step, seconds=0.0, tokens=0, history=history)
+        start = time.perf_counter()
+        self.model.train()
+        with self._progress_bar(step) as advance:
+            while step < self.total:
+                loss, tokens = self._step(step)
+                step += 1
+                result.tokens += tokens
+                elapsed = time.perf_counter() - start
+                record = {"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                          "tokens_per_s": result.tokens / max(elapsed, 1e-9)}
+                if self.evaluate and self.settings.eval_every and step % self.settings.eval_every == 0 \
+                        and step < self.total:
+                    record |= self._evaluate()
+                self._log(record, result)
+                advance(record)
+                if self.settings.save_every and step % self.settings.save_every == 0 and step < self.total:
+                    self._checkpoint(step, result.history)
+                if self.on_step:
+                    self.on_step(step)
+        result.steps, result.seconds = step, time.perf_counter() - start
+        self.model.eval()
+        return result
+
+    # ---- one optimizer step ----------------------------------------------------------------------------
+    def _step(self, step: int) -> tuple[float, int]:
+        epoch, index = divmod(step, self.per_epoch)
+        global_batch = batch_order(len(self.examples), self.settings.batch_size, self.settings.seed, epoch)[index]
+        mine = shard([global_batch], self.rank, self.world)[0]
+        micro = [mine[i::self.settings.grad_accum] for i in range(self.settings.grad_accum)]
+        batches = [_to(self.collate([self.examples[i] for i in m]), self.device) for m in micro if m]
+        local_count = sum(int((b["labels"] != -100).sum()) if b["labels"].dim() > 1 else b["labels"].numel()
+                          for b in batches)
+        global_count = distributed.all_reduce_sum(local_count, self.device)
+        loss_sum, tokens = 0.0, 0
+        for i, batch in enumerate(batches):
+            sync = i == len(batches) - 1
+            with self._no_sync(not sync), autocast(self.device, self.amp_dtype):
+                loss, _ = self.loss_fn(self.ddp, batch)
+            scaled = loss * (self.world / max(global_count, 1.0))
+            self.scaler.scale(scaled).backward()
+            loss_sum += float(loss.detach())
+            tokens += int(batch["attention_mask"].sum())
+        mean_loss = distributed.all_reduce_sum(loss_sum, self.device) / max(global_count, 1.0)
+        if not math.isfinite(mean_loss):
+            raise LorakitError(f"loss became {mean_loss} at step {step + 1}; lower the learning rate (--lr), "
+                               "clip gradients, or train in fp32 (--precision fp32)")
+        self.scaler.unscale_(self.optimizer)
+        if self.settings.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           self.settings.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return mean_loss, int(distributed.all_reduce_sum(tokens, self.device))
+
+    # ---- helpers ---------------------------------------------------------------------------------------
+    def _no_sync(self, skip: bool):
+        return self.ddp.no_sync() if skip and hasattr(self.ddp, "no_sync") else contextlib.nullcontext()
+
+    def _evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        try:
+            return self.evaluate() if self.evaluate else {}
+        finally:
+            self.model.train()
+
+    def _log(self, record: dict[str, Any], result: TrainResult) -> None:
+        result.history.append(record)
+        if self.out_dir is not None and distributed.is_main():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _checkpoint(self, step: int, history: list[dict[str, Any]]) -> None:
+        if self.out_dir is not None and distributed.is_main():
+            checkpoint.save(self.out_dir / "checkpoints", step, self.model, self.optimizer, self.scheduler,
+                            {"history": history, "settings": asdict(self.settings)})
+        distributed.barrier()
+
+    def _resume(self) -> tuple[int, list[dict[str, Any]]]:
+        path = checkpoint.latest(self.out_dir / "checkpoints") if self.out_dir else None
+        if path is None:
+            raise LorakitError(f"--resume: no checkpoint under {self.out_dir}/checkpoints; train without --resume "
+                               "(checkpoints are written every --save-every steps)")
+        state = checkpoint.restore(path, self.model, self.optimizer, self.scheduler)
+        if self.out_dir is not None and distributed.is_main():  # metrics after the checkpoint are replayed
+            lines = [json.dumps(r) for r in state["extra"]["history"]]
+            (self.out_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+        return state["step"], list(state["extra"]["history"])
+
+    @contextlib.contextmanager
+    def _progress_bar(self, step: int):
+        if not self.progress:
+            yield lambda record: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                   TextColumn("{task.fields[speed]} tok/s"), TextColumn("ETA"), TimeRemainingColumn()]
+        with Progress(*columns, transient=False) as bar:
+            task = bar.add_task("train", total=self.total, completed=step, loss="-", speed="-")
+            yield lambda r: bar.update(task, advance=1, loss=f"{r['loss']:.4f}", speed=f"{r['tokens_per_s']:,.0f}")
+
+
+def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting; "auto" picks bf16 where the hardware computes it fast
+    (CUDA with bf16, CPUs with AVX512-BF16 or AMX), fp16 on older GPUs, and fp32 elsewhere."""
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        fast_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.bfloat16 if fast_bf16 else None
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype, enabled=dtype is not None) if dtype else contextlib.nullcontext()
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward; non-reentrant, so it works with a frozen base and LoRA inputs."""
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        raise LorakitError("gradient checkpointing needs a Hugging Face model (gradient_checkpointing_enable)")
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False

@@ -1,0 +1,70 @@
+"""Losses and predictions for the two tasks, computed as cheaply as the model allows.
+
+Causal-LM batches are left-padded, so every labelled position sits in the last few columns; the model is
+asked for logits of those columns only (`logits_to_keep`), which skips most of the output head when
+the loss is on a short completion. Position ids follow the attention mask so left padding changes nothing.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE = -100
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    """(sum of token losses over labelled positions, number of labelled positions)."""
+    input_ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    targets = labels[:, 1:]
+    labelled = targets != IGNORE
+    count = int(labelled.sum())
+    if count == 0:
+        return input_ids.new_zeros((), dtype=torch.float32), 0
+    first = int(labelled.any(0).nonzero()[0])  # earliest column (of the shifted targets) with a label
+    keep = targets.shape[1] - first
+    logits = tail_logits(model, input_ids, mask, keep + 1)[:, :-1]  # the last column predicts past the input
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, first:].flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss, count
+
+
+def classification_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), batch["labels"].numel()
+
+
+def tail_logits(model: nn.Module, input_ids: Tensor, mask: Tensor, n: int) -> Tensor:
+    """Logits of the last `n` positions, shape (batch, n, vocab); the head runs on those only if it can."""
+    kwargs = {"input_ids": input_ids, "attention_mask": mask}
+    accepted = _forward_arguments(type(_unwrap(model)))
+    if "position_ids" in accepted:
+        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    if "logits_to_keep" in accepted:
+        kwargs["logits_to_keep"] = n
+    return model(**kwargs).logits[:, -n:]
+
+
+@torch.no_grad()
+def choice_predictions(model: nn.Module, batch: dict[str, Tensor], candidate_ids: Tensor) -> Tensor:
+    """Index of the candidate answer whose first token the model ranks highest after each prompt."""
+    logits = tail_logits(model, batch["input_ids"], batch["attention_mask"], 1)[:, 0]
+    return logits[:, candidate_ids].argmax(-1)
+
+
+@torch.no_grad()
+def classification_predictions(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
+
+
+@lru_cache(maxsize=None)
+def _forward_arguments(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
