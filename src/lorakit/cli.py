@@ -84,6 +84,105 @@ def merge(model: str = typer.Option("default", help="base model: 'default', a Hu
     console.print(f"merged {adapter} into {model}: wrote {out}")
 
 
+# ---- training ------------------------------------------------------------------------------------------
+DEMO_PRESET = {"steps": 60, "lr": 2e-3, "batch_size": 16, "eval_every": 20}  # tuned for the embedded default
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    config: Optional[Path] = typer.Option(None, help="YAML or TOML file with any of these settings"),
+    model: Optional[str] = typer.Option(None, help="'default' (SmolLM2-135M-Instruct), a HF folder, or a .gguf"),
+    data: Optional[str] = typer.Option(None, help="'default' (movie-review sentiment) or a .jsonl/.csv/.parquet"),
+    eval_data: Optional[str] = typer.Option(None, help="held-out file (default: a seeded 10% of --data)"),
+    task: Optional[str] = typer.Option(None, help="causal-lm or classification (default: from the data)"),
+    out: Optional[str] = typer.Option(None, help="run folder: adapter/, metrics.jsonl, curves.png, checkpoints/"),
+    steps: Optional[int] = typer.Option(None, help="optimizer steps (default: --epochs over the data)"),
+    epochs: Optional[float] = typer.Option(None, help="passes over the data when --steps is not given"),
+    batch_size: Optional[int] = typer.Option(None, help="examples per optimizer step, over all processes"),
+    grad_accum: Optional[int] = typer.Option(None, help="micro-batches accumulated per step"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate (warmup then cosine)"),
+    lora_plus_ratio: Optional[float] = typer.Option(None, help="LoRA+: B's learning rate / A's"),
+    r: Optional[int] = typer.Option(None, help="LoRA rank"),
+    alpha: Optional[float] = typer.Option(None, help="LoRA alpha (scaling = alpha / r)"),
+    dropout: Optional[float] = typer.Option(None, help="dropout on the adapter input"),
+    target: Optional[str] = typer.Option(None, help="modules to adapt: comma list, a regex, or all-linear"),
+    quantize: Optional[str] = typer.Option(None, help="QLoRA: keep the base in nf4 or fp4"),
+    seed: Optional[int] = typer.Option(None, help="seed for data order and initialization"),
+    max_length: Optional[int] = typer.Option(None, help="longest tokenized example (longer rows are truncated)"),
+    eval_every: Optional[int] = typer.Option(None, help="evaluate every N steps (0: before and after only)"),
+    save_every: Optional[int] = typer.Option(None, help="checkpoint every N steps for --resume"),
+    precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16 or fp16"),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, help="recompute activations to save memory"),
+    resume: bool = typer.Option(False, help="continue from the last checkpoint in --out"),
+    dry_run: bool = typer.Option(False, help="print the memory estimate and stop"),
+    nproc: int = typer.Option(1, help="processes on this machine (runs torchrun for you)"),
+) -> None:
+    """Fine-tune with LoRA; with no arguments, the embedded default model on the default data."""
+    flags = {k: v for k, v in locals().items() if k not in ("config", "resume", "dry_run", "nproc") and v is not None}
+    from .train.config_file import job_config
+
+    cfg = job_config(DEMO_PRESET, config, flags | {"resume": resume})
+    if nproc > 1:
+        _relaunch_with_torchrun(nproc)
+        return
+    if dry_run:
+        _print_estimate(cfg)
+        return
+    from .train.job import run_job
+    from .train.summary import print_summary
+
+    report = run_job(cfg, log=lambda message: console.print(f"[dim]{message}[/dim]"))
+    from .train import distributed
+
+    if distributed.is_main():
+        print_summary(console, cfg, report)
+    distributed.teardown()
+
+
+@app.command()
+def estimate(
+    model: str = typer.Option("default", help="model to size up"),
+    r: int = typer.Option(8, help="LoRA rank"),
+    target: Optional[str] = typer.Option(None, help="modules to adapt (default: the architecture's)"),
+    batch_size: int = typer.Option(16, help="examples per step"),
+    seq_len: int = typer.Option(48, help="tokens per example"),
+    quantize: Optional[str] = typer.Option(None, help="also size QLoRA in this format (nf4/fp4)"),
+) -> None:
+    """Memory needed to train: weights, gradients, optimizer state, activations (LoRA, QLoRA, full)."""
+    from .train.estimate import estimate_table
+
+    console.print(estimate_table(model, r=r, target=_targets(target), batch_size=batch_size, seq_len=seq_len))
+
+
+def _print_estimate(cfg) -> None:
+    from .train.estimate import estimate_table
+
+    console.print(estimate_table(cfg.model, r=cfg.r, target=cfg.target, batch_size=cfg.batch_size,
+                                 seq_len=min(cfg.max_length, 48 if cfg.data == "default" else cfg.max_length)))
+
+
+def _targets(text: Optional[str]):
+    if text is None or text == "all-linear" or not text.replace(",", "").replace("_", "").isalnum():
+        return text
+    return [t for t in text.split(",") if t]
+
+
+def _relaunch_with_torchrun(nproc: int) -> None:
+    """`lorakit train --nproc N ...` is `torchrun --nproc_per_node N -m lorakit train ...`."""
+    import subprocess
+
+    args = sys.argv[1:]
+    for i, arg in enumerate(args):
+        if arg == "--nproc":
+            del args[i:i + 2]
+            break
+        if arg.startswith("--nproc="):
+            del args[i]
+            break
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "lorakit", *args]
+    raise SystemExit(subprocess.call(command))
+
+
 def main() -> None:
     """Entry point: lorakit errors become one clear line and exit status 2, not a traceback."""
     try:

@@ -23,6 +23,7 @@ from lorakit.errors import FormatError, LorakitError
 TASKS = {
     "causal-lm": "AutoModelForCausalLM",
     "sequence-classification": "AutoModelForSequenceClassification",
+    "classification": "AutoModelForSequenceClassification",  # the name `lorakit train --task` uses
 }
 WEIGHT_FILES = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
