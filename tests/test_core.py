@@ -61,10 +61,10 @@ def test_training_changes_only_adapter_parameters(case):
 def test_bias_and_modules_to_save_train_when_asked():
     from tiny_models import CASES as all_cases
 
-    llama = next(c for c in all_cases if c.name == "gpt2")
-    model, _ = _inject(llama, bias="lora_only", modules_to_save=["ln_f"])
+    gpt2 = next(c for c in all_cases if c.name == "gpt2")
+    model, _ = _inject(gpt2, bias="lora_only", modules_to_save=["ln_f"])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    _train_steps(llama, model)
+    _train_steps(gpt2, model)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert any(n.endswith("c_attn.bias") for n in changed)
     assert any(".modules_to_save.default." in n for n in changed)
@@ -74,6 +74,10 @@ def test_bias_and_modules_to_save_train_when_asked():
 
 def test_merge_equals_unmerged_and_unmerge_restores(case):
     model, _ = _inject(case)
+    if not case.mergeable:
+        with pytest.raises(lk.LorakitError, match="4 bits"):
+            lk.merge(model)
+        return
     base_weights = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
     randomize_adapters(model)
     inputs = case.make_input(2)
@@ -87,6 +91,34 @@ def test_merge_equals_unmerged_and_unmerge_restores(case):
             if n in base_weights:
                 torch.testing.assert_close(p, base_weights[n], atol=1e-6, rtol=0)
         torch.testing.assert_close(case.output(model, inputs), unmerged, atol=ATOL, rtol=0)
+
+
+def test_qlora_trains_and_dequantized_merge_matches():
+    from tiny_models import _llama
+
+    torch.manual_seed(0)
+    model = lk.quantize_model(_llama(), "nf4", compute_dtype=torch.float32)
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    frozen = {n: b.clone() for n, b in model.named_buffers()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(1, 96, (4, 12))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(b, frozen[n]) for n, b in model.named_buffers())
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".lora_" in n for n in changed)
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        plain = lk.unload(model, merge=True, dequantize=True)
+        torch.testing.assert_close(plain(ids).logits, unmerged, atol=ATOL, rtol=0)
 
 
 def test_thousand_merge_cycles_stay_within_round_off():
@@ -128,7 +160,7 @@ def test_summed_activation_equals_sum_of_deltas(case):
     randomize_adapters(model, "a", seed=1)
     randomize_adapters(model, "b", seed=2)
     for _, layer in model.named_modules():
-        if isinstance(layer, LoraLayer):
+        if isinstance(layer, LoraLayer) and case.mergeable:
             lk.set_active(model, ["a", "b"])
             w = layer.weight.detach().clone()
             lk.merge(model)
@@ -155,9 +187,10 @@ def test_disabled_gives_base_output_even_when_merged(case):
         expected = case.output(base, inputs)
         with lk.disabled(model):
             torch.testing.assert_close(case.output(model, inputs), expected, atol=0, rtol=0)
-        lk.merge(model)
-        with lk.disabled(model):
-            torch.testing.assert_close(case.output(model, inputs), expected, atol=ATOL, rtol=0)
+        if case.mergeable:
+            lk.merge(model)
+            with lk.disabled(model):
+                torch.testing.assert_close(case.output(model, inputs), expected, atol=ATOL, rtol=0)
         assert not torch.allclose(case.output(model, inputs), expected, atol=ATOL)
 
 
@@ -169,11 +202,12 @@ def test_unload_leaves_plain_model_with_original_names(case):
         inputs = case.make_input(2)
         with torch.no_grad():
             adapted = case.output(model, inputs)
-            plain = lk.unload(model, merge=merge)
+            plain = lk.unload(model, merge=merge, dequantize=not case.mergeable)
             assert not any(isinstance(m, LoraLayer) for m in plain.modules())
             assert not hasattr(plain, "lorakit_state")
-            assert [n for n, _ in plain.named_parameters()] == [n for n, _ in base.named_parameters()]
-            assert [type(m) for m in plain.modules()] == [type(m) for m in base.modules()]
+            if case.mergeable:
+                assert [n for n, _ in plain.named_parameters()] == [n for n, _ in base.named_parameters()]
+                assert [type(m) for m in plain.modules()] == [type(m) for m in base.modules()]
             expected = adapted if merge else case.output(base, inputs)
             torch.testing.assert_close(case.output(plain, inputs), expected, atol=ATOL, rtol=0)
 
@@ -204,7 +238,7 @@ def test_injected_model_deepcopies_and_pickles(case):
 
 
 def test_rslora_scaling_and_patterns():
-    model, _ = build(CASES[8])  # llama
+    model, _ = build(next(c for c in CASES if c.name == "llama"))
     cfg = lk.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True,
                         rank_pattern={r"layers\.1\.self_attn\.q_proj": 2}, alpha_pattern={"v_proj": 3})
     lk.inject(model, cfg)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -20,7 +20,7 @@ class Case:
     targets: list[str] | str | None
     make_input: Callable[[int], dict]
     single_layer: bool = False  # output is linear in the adapter deltas
-    extra: dict = field(default_factory=dict)
+    mergeable: bool = True  # False: 4-bit weights, merged only by unload(dequantize=True)
 
     def output(self, model: nn.Module, inputs: dict) -> torch.Tensor:
         out = model(**inputs)
@@ -57,6 +57,12 @@ def _t5() -> nn.Module:
                                                d_kv=8, vocab_size=VOCAB, decoder_start_token_id=0))
 
 
+def _linear4bit() -> nn.Module:
+    from lorakit.quant import Linear4bit
+
+    return Linear4bit.from_linear(nn.Linear(64, 48), compute_dtype=torch.float32)
+
+
 def _ids(batch: int, length: int = 12) -> torch.Tensor:
     return torch.randint(1, VOCAB, (batch, length))
 
@@ -68,6 +74,7 @@ CASES = [
     Case("conv2d_k1", lambda: nn.Conv2d(3, 5, 1), None, lambda b: {"input": torch.randn(b, 3, 6, 6)}, True),
     Case("conv3d", lambda: nn.Conv3d(2, 4, 3, padding=1), None, lambda b: {"input": torch.randn(b, 2, 4, 5, 5)}, True),
     Case("conv3d_k1", lambda: nn.Conv3d(2, 4, 1), None, lambda b: {"input": torch.randn(b, 2, 3, 3, 3)}, True),
+    Case("linear4bit", lambda: _linear4bit(), None, lambda b: {"input": torch.randn(b, 64)}, True, mergeable=False),
     Case("embedding", lambda: nn.Embedding(VOCAB, 16, padding_idx=0), None, lambda b: {"input": _ids(b)}, True),
     Case("gpt2", _gpt2, ["c_attn", "c_proj", "wpe"], lambda b: {"input_ids": _ids(b)}),
     Case("llama", _llama, "all-linear", lambda b: {"input_ids": _ids(b)}),

@@ -1,6 +1,6 @@
 """lorakit: LoRA and QLoRA for any PyTorch model, in PEFT's file format."""
 
-from . import nn
+from . import nn, optim, quant
 from .adapters import (
     count_parameters,
     delete_adapter,
@@ -17,6 +17,7 @@ from .errors import FormatError, LorakitError
 from .inject import add_adapter, inject
 from .io import adapter_state_dict, load, load_loralib, save
 from .loralib import lora_state_dict, mark_only_lora_as_trainable
+from .quant import quantize_model
 
 from .version import __version__  # noqa: E402
 
@@ -42,4 +43,7 @@ __all__ = [
     "lora_state_dict",
     "mark_only_lora_as_trainable",
     "nn",
+    "optim",
+    "quant",
+    "quantize_model",
 ]

@@ -144,18 +144,29 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def unload(model: nn.Module, merge: bool = True) -> nn.Module:
-    """The plain model again: active adapters folded in (merge=True) or dropped, no lorakit modules left."""
+def unload(model: nn.Module, merge: bool = True, dequantize: bool = False) -> nn.Module:
+    """The plain model again: active adapters folded in (merge=True) or dropped, no lorakit modules left.
+
+    `dequantize=True` turns 4-bit layers back into nn.Linear in their compute dtype, with the adapter
+    added to the dequantized weight (through float32); without it, merging into 4-bit layers is refused.
+    """
     state = get_state(model)
+    quantized = {name for name, layer in lora_layers(model) if layer.lora_merge_blocker}
     if merge and state.active:
-        _check_mergeable(model)
-        for _, layer in lora_layers(model):
+        _check_mergeable(model, skip=quantized if dequantize else set())
+    deltas = {}
+    for name, layer in lora_layers(model):
+        if name in quantized and dequantize:
+            live = [n for n in state.active if n in layer.lora_adapters] if merge else []
+            deltas[name] = sum((layer.lora_delta(n) for n in live), torch.zeros(()))
+        elif merge and state.active:
             layer.lora_merge(state.active)
-    elif not merge:
-        for _, layer in lora_layers(model):
+        else:
             layer.lora_unmerge()
-    for _, layer in list(lora_layers(model)):
+    for name, layer in list(lora_layers(model)):
         layer.lora_teardown()
+        if name in deltas:
+            replace_module(model, name, _dense(layer, deltas[name]))
     for name, wrapper in list(saved_modules(model)):
         replace_module(model, name, wrapper.current() if merge else wrapper.original_module)
     delattr(model, STATE_ATTRIBUTE)
@@ -178,12 +189,25 @@ def _merged(model: nn.Module) -> set[str]:
     return {name for _, layer in lora_layers(model) for name in layer.lora_merged}
 
 
-def _check_mergeable(model: nn.Module) -> None:
+def _dense(layer: nn.Module, delta: torch.Tensor) -> nn.Linear:
+    """A 4-bit layer as nn.Linear in its compute dtype, with `delta` added through float32."""
+    linear = layer.to_linear(layer.compute_dtype)
+    merged = (linear.weight.detach().float() + delta).to(linear.weight.dtype)
+    if not torch.isfinite(merged).all():
+        raise LorakitError("merging into a dequantized 4-bit weight gives non-finite values; keep it unmerged")
+    with torch.no_grad():
+        linear.weight.copy_(merged)
+    return linear
+
+
+def _check_mergeable(model: nn.Module, skip: set[str] = frozenset()) -> None:
     """Refuse before touching any weight: kinds that cannot merge, and weights other modules share."""
     owners: dict[int, list[str]] = {}
     for param_name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(param_name)
     for name, layer in lora_layers(model):
+        if name in skip:
+            continue
         if layer.lora_merge_blocker:
             raise LorakitError(f"cannot merge into {name}: {layer.lora_merge_blocker}")
         shared = owners.get(id(getattr(layer, "weight", None)), [])

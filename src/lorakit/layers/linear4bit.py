@@ -1,0 +1,22 @@
+"""QLoRA's base kind: adapters on lorakit's 4-bit Linear4bit, whose weight stays quantized and frozen."""
+
+from __future__ import annotations
+
+from ..quant.linear4bit import Linear4bit as QuantLinear4bit
+from .linear import LinearKind
+
+
+class Linear4bit(LinearKind, QuantLinear4bit):
+    """The base runs on the 4-bit weight (dequantized per call); A and B are ordinary float tensors."""
+
+    lora_base_class = QuantLinear4bit
+    lora_merge_blocker = ("its weight is stored in 4 bits; keep the adapter unmerged, or call "
+                          "lk.unload(model, merge=True, dequantize=True) for a 16-bit merged model")
+
+    @property
+    def lora_in_features(self) -> int:
+        return self.in_features
+
+    @property
+    def lora_out_features(self) -> int:
+        return self.out_features
