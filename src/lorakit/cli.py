@@ -84,6 +84,26 @@ def merge(model: str = typer.Option("default", help="base model: 'default', a Hu
     console.print(f"merged {adapter} into {model}: wrote {out}")
 
 
+@app.command()
+def quantize(model: str = typer.Option("default", help="base model: 'default', a Hugging Face folder or a .gguf"),
+             out: Path = typer.Option(..., help="output folder (bitsandbytes 4-bit serialization)"),
+             quant_type: str = typer.Option("nf4", "--type", help="nf4 or fp4"),
+             blocksize: int = typer.Option(64, help="elements per absmax block"),
+             compute_dtype: str = typer.Option("bf16", help="dtype the 4-bit layers compute in"),
+             skip: Optional[str] = typer.Option(None, help="comma list of linear layers to keep dense")) -> None:
+    """Store a model's linear layers in 4 bits (QLoRA's base); transformers + bitsandbytes loads the folder."""
+    from .models import load_base_model
+    from .quant import quantization_report, quantize_model
+    from .quant.hf_folder import save_quantized
+
+    with console.status("loading and quantizing"):
+        base, tokenizer = load_base_model(model)
+        quantize_model(base, quant_type, compute_dtype=_dtype(compute_dtype), blocksize=blocksize,
+                       skip=tuple(s for s in (skip or "").split(",") if s) or ("lm_head",))
+        save_quantized(base, tokenizer, out)
+    console.print(f"{quantization_report(base)}\nwrote {out}")
+
+
 # ---- training ------------------------------------------------------------------------------------------
 DEMO_PRESET = {"steps": 60, "lr": 2e-3, "batch_size": 16, "eval_every": 20}  # tuned for the embedded default
 

@@ -135,6 +135,10 @@ def _temp_dir_beside(path: Path) -> Path:
 
 
 def _load_hf_folder(folder: Path, auto: Any, dtype: torch.dtype, overrides: dict) -> tuple[Any, Any]:
+    from .quant.hf_folder import is_quantized_folder, load_quantized
+
+    if is_quantized_folder(folder):  # written by `lorakit quantize` or transformers + bitsandbytes
+        return load_quantized(folder, auto), _load_tokenizer(folder)
     model = auto.from_pretrained(folder, dtype=dtype, local_files_only=True, **overrides)
     return model, _load_tokenizer(folder)
 
