@@ -1,0 +1,27 @@
+"""The main job on the embedded default (SmolLM2-135M-Instruct, movie-review sentiment), shortened for CI."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import lorakit as lk
+from lorakit.train.job import JobConfig, run_job
+
+
+def test_default_job_beats_zero_shot(tmp_path):
+    cfg = JobConfig(steps=30, lr=2e-3, batch_size=16, eval_size=300, out=str(tmp_path / "run"))
+    report = run_job(cfg, progress=False)
+    assert report.trainable / report.total < 0.01
+    assert report.after["accuracy"] >= report.before["accuracy"] + 0.03, (report.before, report.after)
+    assert report.after["eval_loss"] < report.before["eval_loss"]
+    same, n = report.merged_agreement
+    assert same == n
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["q_proj", "v_proj"] and config["task_type"] == "CAUSAL_LM"
+    from lorakit.models import load_base_model
+
+    fresh, _ = load_base_model("default")
+    lk.load(fresh, tmp_path / "run" / "adapter")  # the saved folder reproduces the trained model
+    assert torch.isfinite(next(p for n, p in fresh.named_parameters() if "lora_B" in n)).all()
