@@ -114,8 +114,8 @@ def _check_arguments(model: nn.Module, cfg: LoraConfig, adapter: str) -> None:
 
 
 def _plan(model: nn.Module, cfg: LoraConfig) -> tuple[list[_Target], list[tuple[str, nn.Module]]]:
-    if cfg.use_dora or cfg.init == "pissa":
-        raise LorakitError("use_dora and init='pissa' are not available yet; use init='kaiming' or 'gaussian'")
+    if cfg.init == "pissa":
+        raise LorakitError("init='pissa' is not available yet; use init='kaiming' or 'gaussian'")
     saved = _plan_saved(model, cfg.modules_to_save)
     saved_names = [n for n, _ in saved]
     targets = resolve_targets(model, cfg.target_modules)
@@ -135,7 +135,10 @@ def _plan(model: nn.Module, cfg: LoraConfig) -> tuple[list[_Target], list[tuple[
     plan = []
     for name, module in matched:
         spec = AdapterSpec(r=cfg.rank_for(name), alpha=cfg.alpha_for(name), dropout=cfg.dropout,
-                           use_rslora=cfg.use_rslora)
+                           use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
+        if cfg.use_dora and not getattr(_lora_class(name, module) or module, "lora_supports_dora", False):
+            raise LorakitError(f"use_dora: {name!r} is a {type(module).__name__}; DoRA applies to linear layers "
+                               "only, so narrow target_modules")
         plan.append(_Target(name, module, _lora_class(name, module, model), spec))
     return plan, saved
 

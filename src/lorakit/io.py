@@ -37,7 +37,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-_FILE_SUFFIXES = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B"}
+_FILE_SUFFIXES = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
+                  "lora_magnitude_vector": "M"}
 _TASK_MAPPINGS = {  # PEFT's task_type -> transformers' auto-class table of model classes
     "CAUSAL_LM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
     "SEQ_CLS": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
@@ -56,6 +57,8 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default", dtype: torch.
         kind = "lora_embedding_{}" if isinstance(layer, Embedding) else "lora_{}.weight"
         out[f"{PREFIX}{name}.{kind.format('A')}"] = A
         out[f"{PREFIX}{name}.{kind.format('B')}"] = B
+        if adapter in layer.lora_magnitude:
+            out[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude[adapter]
     for name, wrapper in saved_modules(model):
         if adapter in wrapper.modules_to_save:
             for param_name, tensor in wrapper.modules_to_save[adapter].state_dict().items():
@@ -87,7 +90,7 @@ def adapter_config(model: nn.Module, adapter: str = "default") -> dict[str, Any]
         "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for layer in layers.values()),
         "bias": cfg.bias if cfg else "none",
         "use_rslora": spec.use_rslora,
-        "use_dora": False,
+        "use_dora": spec.use_dora,
         "modules_to_save": [n for n, w in saved_modules(model) if adapter in w.modules_to_save] or None,
         "init_lora_weights": {"kaiming": True}.get(cfg.init, cfg.init) if cfg else True,
         "rank_pattern": rank_pattern,
@@ -154,7 +157,7 @@ def read_adapter(folder: str | os.PathLike) -> AdapterFile:
         else:
             parsed.pairs.setdefault(module, {})[kind] = tensor
     for module, pair in parsed.pairs.items():
-        if set(pair) != {"A", "B"}:
+        if not {"A", "B"} <= set(pair):
             missing = "lora_B" if "A" in pair else "lora_A"
             raise FormatError(f"{folder / WEIGHTS_NAME}: {module} has no {missing} tensor; the file is incomplete")
         if pair["A"].shape[0] != pair["B"].shape[1]:
@@ -186,9 +189,15 @@ def load(model: nn.Module, folder: str | os.PathLike, adapter: str = "default") 
             problems.append(f"key {PREFIX}{name}.*: the model {what} {name!r}")
             continue
         rank = pair["A"].shape[0]
-        spec = AdapterSpec(r=rank, alpha=cfg.alpha_for(name), dropout=cfg.dropout, use_rslora=cfg.use_rslora)
+        spec = AdapterSpec(r=rank, alpha=cfg.alpha_for(name), dropout=cfg.dropout, use_rslora=cfg.use_rslora,
+                           use_dora=cfg.use_dora or "M" in pair)
         expected = planned_shapes(module, spec)
-        for kind, want in zip("AB", expected):
+        if spec.use_dora:
+            expected = (*expected, (expected[1][0],))
+            if "M" not in pair:
+                problems.append(f"key {PREFIX}{name}.lora_magnitude_vector: missing, and the config says use_dora")
+                continue
+        for kind, want in zip("ABM", expected):
             if tuple(pair[kind].shape) != tuple(want):
                 problems.append(f"key {PREFIX}{name} lora_{kind}: file has {tuple(pair[kind].shape)}, "
                                 f"model expects {tuple(want)}")
@@ -203,6 +212,8 @@ def load(model: nn.Module, folder: str | os.PathLike, adapter: str = "default") 
             layer = model.get_submodule(name)
             layer.lora_A[adapter].copy_(pair["A"])
             layer.lora_B[adapter].copy_(pair["B"])
+            if "M" in pair:
+                layer.lora_magnitude[adapter].copy_(pair["M"])
         for key, (module_name, param_name) in saved_targets.items():
             wrapper = model.get_submodule(module_name)
             wrapper.modules_to_save[adapter].state_dict()[param_name].copy_(file.saved[key])
@@ -353,8 +364,6 @@ def _split_key(key: str) -> tuple[str, str | None]:
 
 def _config_from_file(file: AdapterFile) -> LoraConfig:
     config = file.config
-    if config.get("use_dora"):
-        raise FormatError(f"{file.folder / CONFIG_NAME}: DoRA adapters (use_dora) are not supported yet")
     try:
         return LoraConfig(
             r=int(config["r"]),
@@ -363,6 +372,7 @@ def _config_from_file(file: AdapterFile) -> LoraConfig:
             target_modules=sorted(file.pairs),
             bias=config.get("bias") or "none",
             use_rslora=bool(config.get("use_rslora", False)),
+            use_dora=bool(config.get("use_dora", False)),
             rank_pattern=config.get("rank_pattern") or {},
             alpha_pattern=config.get("alpha_pattern") or {},
             modules_to_save=list(config.get("modules_to_save") or []),

@@ -39,6 +39,9 @@ class ConvKind(LoraLayer):
     def lora_weight_layout(self, delta: Tensor) -> Tensor:
         return delta.view(self.weight.shape)
 
+    def lora_dense_weight(self) -> Tensor:
+        return self.weight.flatten(1)
+
 
 def _loralib_conv_init(self: ConvKind, base: type[nn.Module], r: int, lora_alpha: float, lora_dropout: float,
                        merge_weights: bool, args: tuple, kwargs: dict) -> None:

@@ -18,11 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LorakitError
+from . import dora
 
 LORA_ATTRIBUTES = (
     "lora_adapters", "lora_active", "lora_merged", "lora_live", "lora_disabled", "lora_merge_on_eval", "lora_routes",
+    "lora_dora_scale", "lora_dora_cache",
 )
 LORA_PARAMETER_DICTS = ("lora_A", "lora_B")
+LORA_MODULES = (*LORA_PARAMETER_DICTS, "lora_magnitude")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class AdapterSpec:
     dropout: float = 0.0
     use_rslora: bool = False
     groups: tuple[bool, ...] | None = None
+    use_dora: bool = False
 
     @property
     def scaling(self) -> float:
@@ -54,9 +58,13 @@ class LoraLayer:
     lora_base_class: ClassVar[type[nn.Module]]
     lora_zero_init_A: ClassVar[bool] = False  # embeddings start from A = 0, B random (PEFT's choice)
     lora_merge_blocker: ClassVar[str | None] = None  # why this kind cannot merge in place, if it cannot
+    lora_supports_dora: ClassVar[bool] = False
 
     lora_A: nn.ParameterDict
     lora_B: nn.ParameterDict
+    lora_magnitude: nn.ParameterDict  # DoRA's per-output magnitude m, for adapters with use_dora
+    lora_dora_scale: dict[str, Tensor]  # m / ||W + ΔW|| fixed when a DoRA adapter was merged
+    lora_dora_cache: dict[str, tuple[tuple[int, ...], Tensor]]  # weight norms while nothing changes
     lora_adapters: dict[str, AdapterSpec]
     lora_active: tuple[str, ...]
     lora_merged: tuple[str, ...]
@@ -83,6 +91,10 @@ class LoraLayer:
         """A dense (out, in * kernel) delta shaped like this layer's `weight`."""
         raise NotImplementedError
 
+    def lora_dense_weight(self) -> Tensor:
+        """The base weight as an (out, in * kernel) matrix: the inverse of `lora_weight_layout`."""
+        raise NotImplementedError
+
     def lora_base_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         return self.lora_base_class.forward(self, x, *args, **kwargs)
 
@@ -95,6 +107,9 @@ class LoraLayer:
         """Give a freshly swapped (or constructed) module empty adapter state."""
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.lora_magnitude = nn.ParameterDict()
+        self.lora_dora_scale = {}
+        self.lora_dora_cache = {}
         self.lora_adapters = {}
         self.lora_active = ()
         self.lora_merged = ()
@@ -106,7 +121,7 @@ class LoraLayer:
 
     def lora_teardown(self) -> None:
         """Remove every trace of lorakit and restore the original class."""
-        for name in LORA_PARAMETER_DICTS:
+        for name in LORA_MODULES:
             delattr(self, name)
         for name in LORA_ATTRIBUTES:
             self.__dict__.pop(name, None)
@@ -127,11 +142,18 @@ class LoraLayer:
         A = torch.empty(shape_a, device=weight.device, dtype=dtype)
         B = torch.empty(shape_b, device=weight.device, dtype=dtype)
         _init_pair(A, B, spec.r, init, self.lora_zero_init_A)
+        if spec.use_dora:
+            if not self.lora_supports_dora or spec.groups is not None:
+                raise LorakitError(f"DoRA (use_dora) applies to linear layers, not {type(self).__name__}")
+            norms = self.lora_dense_weight().detach().float().norm(dim=1)  # B = 0: m starts at ||W||
+            self.lora_magnitude[name] = nn.Parameter(norms.to(device=weight.device, dtype=dtype))
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         self.lora_adapters[name] = spec
 
     def lora_delete(self, name: str) -> None:
+        if name in self.lora_magnitude:
+            del self.lora_magnitude[name]
         del self.lora_A[name], self.lora_B[name], self.lora_adapters[name]
         self.lora_active = tuple(n for n in self.lora_active if n != name)
         self.lora_refresh()
@@ -152,11 +174,11 @@ class LoraLayer:
 
     # ---- forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        out = self.lora_base_forward(x, *args, **kwargs)
+        base = out = self.lora_base_forward(x, *args, **kwargs)
         if self.lora_routes is not None and not self.lora_disabled:
             return self._lora_routed(x, out)
         for name in self.lora_live:
-            out = out + self.lora_term(x, name).to(out.dtype)
+            out = out + self.lora_term(x, name, base).to(out.dtype)
         return out
 
     def _lora_routed(self, x: Tensor, out: Tensor) -> Tensor:
@@ -169,23 +191,43 @@ class LoraLayer:
                 f"lk.route was given {rows_wanted} rows but {type(self).__name__} sees a batch of "
                 f"{x.shape[0]}; route one name per row of the batch (beam search multiplies rows: repeat names)"
             )
+        base = out
         for name, rows in self.lora_routes:
             if name in self.lora_adapters:
-                out = out.index_add(0, rows, self.lora_term(x.index_select(0, rows), name).to(out.dtype))
+                term = self.lora_term(x.index_select(0, rows), name, base.index_select(0, rows))
+                out = out.index_add(0, rows, term.to(out.dtype))
         return out
 
-    def lora_term(self, x: Tensor, name: str) -> Tensor:
-        """scaling * B(A(dropout(x))) for one adapter, in the adapter's dtype."""
+    def lora_term(self, x: Tensor, name: str, base: Tensor | None = None) -> Tensor:
+        """What one adapter adds to the base output `base`: scaling * B(A(dropout(x))), or DoRA's term."""
         spec = self.lora_adapters[name]
         A, B = self.lora_A[name], self.lora_B[name]
         if x.is_floating_point() and x.dtype != A.dtype:
             x = x.to(A.dtype)
-        if spec.dropout and self.training and x.is_floating_point():  # token ids (embeddings) take no dropout
+        dropped = spec.dropout and self.training and x.is_floating_point()  # token ids take no dropout
+        if dropped:
             x = F.dropout(x, spec.dropout, training=True)
         h = self.lora_hidden(x, A) * spec.scaling
-        if spec.groups is None:
-            return self.lora_expand(h, B)
-        return self._lora_expand_groups(h, B, spec)
+        lora = self.lora_expand(h, B) if spec.groups is None else self._lora_expand_groups(h, B, spec)
+        if not spec.use_dora:
+            return lora
+        if dropped:  # DoRA rescales W·x; with dropout, PEFT rescales W·dropout(x)
+            base_no_bias = F.linear(x, self.lora_dense_weight().to(x.dtype))
+        else:
+            bias = getattr(self, "bias", None)
+            base_no_bias = base if bias is None else base - bias.to(base.dtype)
+        return dora.output(base_no_bias, lora, self.lora_magnitude[name], self._lora_weight_norm(name))
+
+    def _lora_weight_norm(self, name: str) -> Tensor:
+        """||W + s·B·A|| per output row; reused while W, A and B are unchanged (e.g. in inference)."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        key = (A._version, B._version, self.lora_reference_weight()._version, A.data_ptr(), B.data_ptr())
+        cached = self.lora_dora_cache.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        norm = dora.weight_norm(self.lora_dense_weight(), A.detach(), B.detach(), self.lora_adapters[name].scaling)
+        self.lora_dora_cache[name] = (key, norm)
+        return norm
 
     def _lora_expand_groups(self, h: Tensor, B: Tensor, spec: AdapterSpec) -> Tensor:
         """Each enabled output part gets its own slice of h and B; disabled parts get zeros."""
@@ -200,7 +242,10 @@ class LoraLayer:
 
     # ---- weights ----------------------------------------------------------------------------------
     def lora_delta(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The adapter's scaled update laid out like `weight`, computed in `dtype`."""
+        """The adapter's scaled update B·A laid out like `weight`, computed in `dtype`."""
+        return self.lora_weight_layout(self._lora_delta_dense(name, dtype))
+
+    def _lora_delta_dense(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
         spec = self.lora_adapters[name]
         A = self.lora_A[name].detach().to(dtype).flatten(1)
         B = self.lora_B[name].detach().to(dtype).flatten(1)
@@ -213,25 +258,50 @@ class LoraLayer:
             for j, part in enumerate(i for i, on in enumerate(spec.groups) if on):
                 rows = slice(part * per_part, (part + 1) * per_part)
                 delta[rows] = B[j * per_part:(j + 1) * per_part] @ A[j * r:(j + 1) * r]
-        return self.lora_weight_layout(delta * spec.scaling)
+        return delta * spec.scaling
 
     def lora_merge(self, names: Iterable[str]) -> None:
+        """Fold adapters into the weight, through float32. A DoRA adapter adds (g - 1)·W + g·ΔW with
+        g = m / ||W + ΔW|| fixed now; several merge at once against the same base weight."""
         names = [n for n in names if n in self.lora_adapters and n not in self.lora_merged]
-        if names:
-            self._lora_add_to_weight(sum(self.lora_delta(n) for n in names), sign=1.0)
-            self.lora_merged = self.lora_merged + tuple(names)
-            self.lora_refresh()
+        if not names:
+            return
+        if self.lora_merged and any(self.lora_adapters[n].use_dora for n in (*names, *self.lora_merged)):
+            names = [*self.lora_merged, *names]  # DoRA scales are relative to the unmerged weight
+            self.lora_unmerge()
+        weight = self.lora_dense_weight().detach().float()
+        total, scales = torch.zeros_like(weight), {}
+        for name in names:
+            delta = self._lora_delta_dense(name)
+            if self.lora_adapters[name].use_dora:
+                scales[name] = self.lora_magnitude[name].detach().float() / self._lora_weight_norm(name)
+                delta = dora.merged_delta(weight, delta, scales[name])
+            total += delta
+        self._lora_write_weight(weight + total)
+        self.lora_dora_scale.update(scales)
+        self.lora_merged = self.lora_merged + tuple(names)
+        self.lora_refresh()
 
     def lora_unmerge(self) -> None:
-        if self.lora_merged:
-            self._lora_add_to_weight(sum(self.lora_delta(n) for n in self.lora_merged), sign=-1.0)
-            self.lora_merged = ()
-            self.lora_refresh()
+        """Recover the base weight: W = (W_merged - Σ ΔW_plain - Σ g·ΔW_dora) / (1 + Σ (g - 1))."""
+        if not self.lora_merged:
+            return
+        merged = self.lora_dense_weight().detach().float()
+        divisor = torch.ones(merged.shape[0], device=merged.device)
+        for name in self.lora_merged:
+            delta = self._lora_delta_dense(name)
+            scale = self.lora_dora_scale.pop(name, None)
+            if scale is not None:
+                delta, divisor = scale[:, None] * delta, divisor + scale - 1
+            merged -= delta
+        self._lora_write_weight(merged / divisor[:, None])
+        self.lora_merged = ()
+        self.lora_refresh()
 
-    def _lora_add_to_weight(self, delta: Tensor, sign: float) -> None:
-        """weight += sign * delta through float32, refusing results that are not finite."""
+    def _lora_write_weight(self, dense: Tensor) -> None:
+        """weight = dense (an (out, in) float32 matrix), refusing results that are not finite."""
         weight = self.weight
-        result = (weight.detach().float() + sign * delta).to(weight.dtype)
+        result = self.lora_weight_layout(dense).to(weight.dtype)
         if not torch.isfinite(result).all():
             raise LorakitError(
                 f"merging into {type(self).__name__} weight ({weight.dtype}) gives non-finite values; "

@@ -52,3 +52,6 @@ class Embedding(LoraLayer, nn.Embedding):
 
     def lora_weight_layout(self, delta: Tensor) -> Tensor:
         return delta.T
+
+    def lora_dense_weight(self) -> Tensor:
+        return self.weight.T

@@ -15,6 +15,7 @@ class LinearKind(LoraLayer):
     """Hooks shared by every dense projection: A is (r, in), B is (out, r)."""
 
     fan_in_fan_out: bool = False  # weight stored as (in, out), like transformers' Conv1D
+    lora_supports_dora = True
 
     def lora_shapes(self, spec: AdapterSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
         if spec.groups is None:
@@ -38,6 +39,9 @@ class LinearKind(LoraLayer):
 
     def lora_weight_layout(self, delta: Tensor) -> Tensor:
         return delta.T if self.fan_in_fan_out else delta
+
+    def lora_dense_weight(self) -> Tensor:
+        return self.weight.T if self.fan_in_fan_out else self.weight
 
 
 class Linear(LinearKind, nn.Linear):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 from ..quant.linear4bit import Linear4bit as QuantLinear4bit
 from .linear import LinearKind
 
@@ -12,6 +15,9 @@ class Linear4bit(LinearKind, QuantLinear4bit):
     lora_base_class = QuantLinear4bit
     lora_merge_blocker = ("its weight is stored in 4 bits; keep the adapter unmerged, or call "
                           "lk.unload(model, merge=True, dequantize=True) for a 16-bit merged model")
+
+    def lora_dense_weight(self) -> Tensor:
+        return self.dequantize_weight(torch.float32)
 
     @property
     def lora_in_features(self) -> int:
