@@ -105,7 +105,7 @@ def quantize(model: str = typer.Option("default", help="base model: 'default', a
 
 
 # ---- training ------------------------------------------------------------------------------------------
-DEMO_PRESET = {"steps": 60, "lr": 2e-3, "batch_size": 16, "eval_every": 20}  # tuned for the embedded default
+DEMO_PRESET = {"steps": 60, "lr": 2e-3, "batch_size": 16}  # tuned for the embedded default (docs/experiments.md)
 
 
 @app.command(context_settings={"allow_extra_args": False})

@@ -222,7 +222,7 @@ def _evaluate_base(model: nn.Module, evaluate: Callable[[], dict[str, float]]) -
         return evaluate()
 
 
-def _merged_agreement(model: nn.Module, prepared: Prepared, n: int = 200) -> tuple[int, int]:
+def _merged_agreement(model: nn.Module, prepared: Prepared, n: int = 100) -> tuple[int, int]:
     """How many of n held-out prompts the merged model predicts exactly as the unmerged one (in fp32)."""
     rows = list(range(min(n, len(prepared.choice.prompts))))
     unmerged = choice_predictions(model, prepared.choice, rows)
