@@ -17,7 +17,7 @@ from .errors import FormatError, LorakitError
 from .inject import add_adapter, inject
 from .io import adapter_state_dict, load, load_loralib, save
 from .loralib import lora_state_dict, mark_only_lora_as_trainable
-from .quant import quantize_model
+from .quant import dequantize_model, quantization_report, quantize_model
 
 from .version import __version__  # noqa: E402
 
@@ -46,4 +46,6 @@ __all__ = [
     "optim",
     "quant",
     "quantize_model",
+    "dequantize_model",
+    "quantization_report",
 ]

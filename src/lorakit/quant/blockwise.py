@@ -1,28 +1,22 @@
 """Blockwise quantization kernels in plain PyTorch: 4-bit codes with packing, and the 8-bit pass for absmax.
 
-Rounding follows bitsandbytes' CPU path exactly. On CPU the work runs in chunks of whole blocks so the
-temporaries of each step stay in cache; on other devices one chunk covers the whole tensor.
+Rounding follows bitsandbytes' CPU path exactly; see steps.py for how the work is split on CPU.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from ..errors import LorakitError
 from .codes import CELLS_PER_UNIT, LUT8_SIZE, NESTED_BLOCKSIZE, lut8, pair_table, rounding_tables
-
-CPU_CHUNK = 1 << 16  # elements per step on CPU
-
-
-def _blocks_per_step(device: torch.device, blocksize: int, nblocks: int) -> int:
-    if device.type != "cpu":
-        return max(nblocks, 1)
-    return max(1, CPU_CHUNK // blocksize)
+from .steps import blocks_per_step, run_steps
 
 
-def _check_finite(absmax: torch.Tensor, first_block: int, blocksize: int) -> None:
-    if not bool(torch.isfinite(absmax).all()):
-        bad = first_block + int((~torch.isfinite(absmax)).nonzero()[0, 0])
+def _check_finite(block_max: torch.Tensor, first_block: int, blocksize: int) -> None:
+    if not math.isfinite(float(block_max.max())):
+        bad = first_block + int((~torch.isfinite(block_max)).nonzero()[0, 0])
         raise LorakitError(
             f"the tensor holds NaN or Inf in block {bad} (elements {bad * blocksize}..{(bad + 1) * blocksize - 1} "
             "of the flattened tensor); 4-bit quantization needs finite values: fix or clamp the weights first"
@@ -46,29 +40,33 @@ def quantize_4bit(flat: torch.Tensor, quant_type: str, blocksize: int) -> tuple[
     n = flat.numel()
     nfull = n // blocksize
     full = nfull * blocksize
-    rem = n - full
     device = flat.device
     threshold, codes = rounding_tables(quant_type, device)
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
-    absmax = torch.empty(nfull + (rem > 0), dtype=torch.float32, device=device)
-    blocks = flat[:full].view(nfull, blocksize)
-    step = _blocks_per_step(device, blocksize, nfull)
-    for b0 in range(0, nfull, step):
-        b1 = min(b0 + step, nfull)
-        x = blocks[b0:b1]
-        block_max = absmax[b0:b1]
-        block_max.copy_(x.abs().amax(1))
-        _check_finite(block_max, b0, blocksize)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)
+    per = blocks_per_step(nfull, blocksize, device)
+    steps = list(zip(
+        flat[:full].view(nfull, blocksize).split(per),
+        absmax[:nfull].split(per),
+        packed[: full // 2].split(per * blocksize // 2),
+    )) if nfull else []
+
+    def step(i: int) -> None:
+        x, block_max, out = steps[i]
+        block_max.copy_(x.abs().amax(1))  # exact in the input dtype
+        _check_finite(block_max, i * per, blocksize)
         scaled = x * (1.0 / block_max.clamp(min=1e-38))[:, None]
-        _encode(scaled.view(-1), threshold, codes, packed[b0 * blocksize // 2 : b1 * blocksize // 2])
-    if rem:
+        _encode(scaled.view(-1), threshold, codes, out)
+
+    run_steps(step, len(steps), device)
+    if full < n:
         tail = flat[full:].float()
         # bitsandbytes stores the clamped maximum for the partial block and divides instead of multiplying.
         tail_max = tail.abs().max().clamp(min=1e-38)
         _check_finite(tail_max[None], nfull, blocksize)
         absmax[nfull] = tail_max
         scaled = tail / tail_max
-        if rem % 2:
+        if (n - full) % 2:
             scaled = torch.cat([scaled, scaled.new_zeros(1)])  # the pad nibble encodes 0.0, as in bitsandbytes
         _encode(scaled, threshold, codes, packed[full // 2 :])
     return packed, absmax
@@ -83,19 +81,23 @@ def dequantize_4bit(
     out = torch.empty(n, dtype=dtype, device=device)
     nfull = n // blocksize
     full = nfull * blocksize
-    step = _blocks_per_step(device, blocksize, nfull)
-    direct = dtype == torch.float32
-    scratch = None if direct else torch.empty(min(step, nfull) * blocksize, dtype=torch.float32, device=device)
-    for b0 in range(0, nfull, step):
-        b1 = min(b0 + step, nfull)
-        target = out[b0 * blocksize : b1 * blocksize].view(-1, blocksize)
-        values = target if direct else scratch[: (b1 - b0) * blocksize].view(-1, blocksize)
-        index = packed[b0 * blocksize // 2 : b1 * blocksize // 2].to(torch.int32)
-        torch.index_select(pairs, 0, index, out=values.view(-1).view(torch.int64))
-        if direct:
-            values.mul_(absmax[b0:b1, None])
-        else:
-            torch.mul(values, absmax[b0:b1, None], out=target)
+    per = blocks_per_step(nfull, blocksize, device)
+    steps = list(zip(
+        packed[: full // 2].split(per * blocksize // 2),
+        out[:full].view(nfull, blocksize).split(per),
+        absmax[:nfull, None].split(per),
+    )) if nfull else []
+
+    def step(i: int) -> None:
+        codes, target, scale = steps[i]
+        values = target if dtype == torch.float32 else torch.empty(target.shape, dtype=torch.float32, device=device)
+        # one 8-byte gather decodes both codes of a byte; int64 keeps the float bits untouched
+        torch.index_select(pairs, 0, codes.to(torch.int32), out=values.view(-1).view(torch.int64))
+        values.mul_(scale)
+        if values is not target:
+            target.copy_(values)
+
+    run_steps(step, len(steps), device)
     if full < n:
         index = packed[full // 2 :].to(torch.int32)
         values = torch.index_select(pairs, 0, index).view(torch.float32)[: n - full]
@@ -112,20 +114,41 @@ def quantize_8bit(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     nblocks = -(-n // NESTED_BLOCKSIZE)
     padded = values.new_zeros(nblocks * NESTED_BLOCKSIZE)
     padded[:n] = values
-    blocks = padded.view(nblocks, NESTED_BLOCKSIZE)
-    absmax = blocks.abs().amax(1)
-    scaled = blocks * (1.0 / absmax)[:, None]
-    # 0 * (1 / 0) and 0 * (1 / subnormal) are NaN: the kernel stores code 0 for them, the code of -1.
-    scaled = torch.nan_to_num_(scaled, nan=-1.0).clamp_(-1.0, 1.0)
-    position = scaled.add_(1.0).mul_(0.5).mul_(LUT8_SIZE - 1).add_(0.5).to(torch.int64)
-    return lut8(values.device)[position].view(-1)[:n], absmax
+    codes = torch.empty(nblocks * NESTED_BLOCKSIZE, dtype=torch.uint8, device=values.device)
+    absmax = torch.empty(nblocks, dtype=torch.float32, device=values.device)
+    table = lut8(values.device)
+    per = blocks_per_step(nblocks, NESTED_BLOCKSIZE, values.device)
+    steps = list(zip(padded.view(nblocks, NESTED_BLOCKSIZE).split(per), absmax.split(per),
+                     codes.split(per * NESTED_BLOCKSIZE)))
+
+    def step(i: int) -> None:
+        x, block_max, out = steps[i]
+        torch.amax(x.abs(), 1, out=block_max)
+        scaled = x * (1.0 / block_max)[:, None]
+        # 0 * (1 / 0) and 0 * (1 / subnormal) are NaN: the kernel stores code 0 for them, the code of -1.
+        scaled = torch.nan_to_num_(scaled, nan=-1.0).clamp_(-1.0, 1.0)
+        position = scaled.add_(1.0).mul_(0.5).mul_(LUT8_SIZE - 1).add_(0.5).to(torch.int32)
+        torch.index_select(table, 0, position.view(-1), out=out)
+
+    run_steps(step, len(steps), values.device)
+    return codes[:n], absmax
 
 
 def dequantize_8bit(codes: torch.Tensor, absmax: torch.Tensor, code_map: torch.Tensor) -> torch.Tensor:
     """code_map[code] * absmax[block] in float32 (blocks of 256)."""
     n = codes.numel()
-    values = code_map.to(torch.float32)[codes.long()]
     nblocks = -(-n // NESTED_BLOCKSIZE)
-    padded = values.new_zeros(nblocks * NESTED_BLOCKSIZE)
-    padded[:n] = values
-    return (padded.view(nblocks, NESTED_BLOCKSIZE) * absmax[:, None]).view(-1)[:n]
+    out = torch.empty(nblocks * NESTED_BLOCKSIZE, dtype=torch.float32, device=codes.device)
+    padded = codes if n == out.numel() else torch.cat([codes, codes.new_zeros(out.numel() - n)])
+    code_map = code_map.to(torch.float32)
+    per = blocks_per_step(nblocks, NESTED_BLOCKSIZE, codes.device)
+    steps = list(zip(padded.split(per * NESTED_BLOCKSIZE), out.view(nblocks, NESTED_BLOCKSIZE).split(per),
+                     absmax[:, None].split(per)))
+
+    def step(i: int) -> None:
+        index, target, scale = steps[i]
+        torch.index_select(code_map, 0, index.to(torch.int32), out=target.view(-1))
+        target.mul_(scale)
+
+    run_steps(step, len(steps), codes.device)
+    return out[:n]

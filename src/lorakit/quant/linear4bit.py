@@ -13,7 +13,7 @@ from .codes import QUANT_TYPES
 from .tensor import QuantizedTensor, check_config, quantize
 
 _TENSORS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map")
-_FLOAT_STATS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+_STATS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
 @dataclass(frozen=True)
@@ -114,9 +114,10 @@ class Linear4bit(nn.Module):
         if tuple(qt.shape) != (self.out_features, self.in_features):
             raise FormatError(f"quantized weight has shape {list(qt.shape)} but this layer is "
                               f"(out_features, in_features) = ({self.out_features}, {self.in_features})")
-        self.register_buffer("weight", qt.packed.view(-1, 1))
+        # Non-persistent: _save_to_state_dict writes them in bitsandbytes' layout instead.
+        self.register_buffer("weight", qt.packed.view(-1, 1), persistent=False)
         for name in _TENSORS[1:]:
-            self.register_buffer(name, getattr(qt, name))
+            self.register_buffer(name, getattr(qt, name), persistent=False)
         self.quant_type = qt.quant_type
         self.blocksize = qt.blocksize
         self.weight_dtype = qt.dtype
@@ -162,7 +163,7 @@ class Linear4bit(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # Statistics stay float32: model.to(torch.bfloat16) or .half() may move them but must not round them.
-        before = {name: self._buffers[name] for name in _FLOAT_STATS if self._buffers.get(name) is not None}
+        before = {name: self._buffers[name] for name in _STATS if self._buffers.get(name) is not None}
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = self._buffers[name]
@@ -171,35 +172,25 @@ class Linear4bit(nn.Module):
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        stats = self.quantized_weight.to_bnb(prefix + "weight")
-        del stats[prefix + "weight"]
-        entries = {prefix + "weight": self.weight}  # bitsandbytes' order: weight, bias, then the statistics
-        if self.bias is not None:
-            entries[prefix + "bias"] = self.bias
-        for key, value in (entries | stats).items():
-            destination[key] = value if keep_vars else value.detach()
+        # bitsandbytes' order: weight, bias, then the statistics
+        destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # the bias, and whatever a subclass adds
+        for key, value in self.quantized_weight.to_bnb(prefix + "weight").items():
+            if key != prefix + "weight":
+                destination[key] = value if keep_vars else value.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        wkey, bkey = prefix + "weight", prefix + "bias"
-        known = {wkey, bkey} | {f"{wkey}.{k}" for k in _FLOAT_STATS}
-        known |= {f"{wkey}.quant_state.bitsandbytes__{q}" for q in QUANT_TYPES}
-        unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known)
-        if wkey not in state_dict:
-            missing_keys.append(wkey)
-        else:
+        wkey = prefix + "weight"
+        own = {wkey} | {f"{wkey}.{name}" for name in _STATS}
+        own |= {f"{wkey}.quant_state.bitsandbytes__{q}" for q in QUANT_TYPES}
+        if wkey in state_dict:
             self._load_weight(state_dict, wkey)
-        if self.bias is not None:
-            if bkey not in state_dict:
-                missing_keys.append(bkey)
-                return
-            bias = state_dict[bkey]
-            if bias.shape != self.bias.shape:
-                raise FormatError(f"{bkey} has shape {list(bias.shape)}, this layer needs {list(self.bias.shape)}")
-            with torch.no_grad():
-                self.bias.copy_(bias)
-        elif bkey in state_dict:
-            unexpected_keys.append(bkey)
+        else:
+            missing_keys.append(wkey)
+        rest = {key: value for key, value in state_dict.items() if key not in own}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _load_weight(self, state_dict, wkey: str) -> None:
         weight = state_dict[wkey]

@@ -81,7 +81,7 @@ def quantize_model(
 
     `skip` holds module names (exact or dotted suffix) to keep dense; the output head
     (`model.get_output_embeddings()`) and weights tied to other modules always stay dense.
-    Layers are converted one at a time, so peak memory grows by one dense layer at most.
+    Layers are converted one at a time, each dense weight freed as soon as nothing else holds it.
     See `quantization_report(model)` for the memory saved (also logged at INFO).
     """
     check_config(quant_type, blocksize)
@@ -94,9 +94,12 @@ def quantize_model(
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        linear = parent.get_submodule(child)
-        setattr(parent, child, Linear4bit.from_linear(linear, quant_type, compute_dtype, blocksize, double_quant))
-        del linear
+        try:
+            layer = Linear4bit.from_linear(parent.get_submodule(child), quant_type, compute_dtype, blocksize,
+                                           double_quant)
+        except LorakitError as err:
+            raise LorakitError(f"cannot quantize {name}: {err}") from err
+        setattr(parent, child, layer)
     logger.info("lorakit: %s", quantization_report(model))
     return model
 

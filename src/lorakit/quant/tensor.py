@@ -15,7 +15,6 @@ from .codes import NESTED_BLOCKSIZE, QUANT_TYPES, code_table, dynamic_map
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_STAT_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -25,11 +24,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _dtype_from_name(name: str, key: str) -> torch.dtype:
     dtype = getattr(torch, str(name), None)
     if not isinstance(dtype, torch.dtype):
-        raise FormatError(f"{key} names an unknown dtype {name!r}; the file is corrupt or not a bitsandbytes 4-bit state")
+        raise FormatError(f"{key} names an unknown dtype {name!r}; the file is corrupt or not a bitsandbytes state")
     return dtype
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class QuantizedTensor:
     """Packed 4-bit codes plus what is needed to restore the tensor, in bitsandbytes' layout.
 
@@ -58,17 +57,18 @@ class QuantizedTensor:
         check_config(quant_type, blocksize)
         n = math.prod(shape)
         nblocks = -(-n // blocksize)
+        device = device or "cpu"
         nested = {}
         if double_quant:
             nested = dict(
                 nested_absmax=torch.zeros(-(-nblocks // NESTED_BLOCKSIZE), device=device),
-                nested_quant_map=dynamic_map("cpu").to(device),
+                nested_quant_map=dynamic_map(device),
                 nested_offset=0.0,
             )
         return cls(
             packed=torch.zeros((n + 1) // 2, dtype=torch.uint8, device=device),
             absmax=torch.zeros(nblocks, dtype=torch.uint8 if double_quant else torch.float32, device=device),
-            quant_map=code_table(quant_type).to(device),
+            quant_map=code_table(quant_type, device),
             quant_type=quant_type,
             blocksize=blocksize,
             shape=torch.Size(shape),
@@ -79,6 +79,11 @@ class QuantizedTensor:
     @property
     def double_quant(self) -> bool:
         return self.nested_absmax is not None
+
+    def __repr__(self) -> str:
+        return (f"QuantizedTensor({self.quant_type}, shape={list(self.shape)}, dtype={self.dtype}, "
+                f"blocksize={self.blocksize}, double_quant={self.double_quant}, device={self.device}, "
+                f"nbytes={self.nbytes})")
 
     @property
     def device(self) -> torch.device:
@@ -135,7 +140,8 @@ class QuantizedTensor:
         if self.double_quant:
             state[f"{prefix}.nested_absmax"] = self.nested_absmax
             state[f"{prefix}.nested_quant_map"] = self.nested_quant_map
-            meta |= {"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32", "nested_offset": self.nested_offset}
+            meta |= {"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32",
+                     "nested_offset": self.nested_offset}
         blob = json.dumps(meta).encode("utf-8")
         state[f"{prefix}.quant_state.bitsandbytes__{self.quant_type}"] = torch.tensor(list(blob), dtype=torch.uint8)
         return state

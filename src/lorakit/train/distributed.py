@@ -54,7 +54,8 @@ def wrap(model: nn.Module) -> nn.Module:
     if not dist.is_initialized():
         return model
     device_ids = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    # 4-bit weights are buffers: they never change, so broadcasting them every step would be waste
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
 def barrier() -> None:

@@ -1,0 +1,139 @@
+"""4-bit NF4 (blocksize 64, double quantization) on CPU, 2 threads: lorakit vs bitsandbytes in one process.
+
+Times quantize and dequantize of a 4096x4096 weight (float32 and bfloat16) and a 4-bit linear layer
+(4096 -> 4096, bfloat16 compute, input 8 x 128 x 4096): inference forward (eval, no_grad), training
+forward (input requires grad) and forward + backward. Each row alternates the two libraries call by call
+so both see the same machine load; it prints median milliseconds after warm-up and the ratio
+lorakit / bitsandbytes (below 1: lorakit is faster), plus whether the results agree.
+Run: python bench/bench_quant.py   (about 1-2 minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from datetime import date
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as BF
+import torch
+from harness import machine, table
+from torch import nn
+
+from lorakit.quant import Linear4bit, quantize
+
+
+def _paired_medians(ours, theirs, warmup: int, repeats: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        ours()
+        theirs()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, bucket in ((ours, times[0]), (theirs, times[1])):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> str:
+    if torch.equal(a, b):
+        return "identical"
+    return f"max |diff| {(a.float() - b.float()).abs().max().item():.2g}"
+
+
+def tensor_rows(args) -> list[list[str]]:
+    rows = []
+    torch.manual_seed(0)
+    w32 = torch.randn(args.size, args.size) * 0.02
+    for dtype in (torch.float32, torch.bfloat16):
+        w = w32.to(dtype)
+        name = str(dtype).removeprefix("torch.")
+
+        def ours():
+            return quantize(w, "nf4", 64, double_quant=True)
+
+        def theirs():
+            return BF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+
+        qt, (packed, state) = ours(), theirs()
+        same = "identical" if torch.equal(qt.packed, packed.view(-1)) and torch.equal(qt.absmax, state.absmax) \
+            else "DIFFERENT"
+        rows.append([f"quantize {name}", *_paired_medians(ours, theirs, args.warmup, args.repeats), same])
+        same = _same(qt.dequantize(), BF.dequantize_4bit(packed, state))
+        rows.append([f"dequantize -> {name}", *_paired_medians(qt.dequantize, lambda: BF.dequantize_4bit(packed, state),
+                                                                args.warmup, args.repeats), same])
+    return rows
+
+
+def linear_rows(args) -> list[list[str]]:
+    torch.manual_seed(0)
+    linear = nn.Linear(args.size, args.size, bias=False)
+    ours = Linear4bit.from_linear(linear, "nf4", torch.bfloat16, 64, double_quant=True)
+
+    def bnb_layer():
+        layer = bnb.nn.Linear4bit(args.size, args.size, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        layer.load_state_dict(linear.state_dict())
+        return layer.to("cpu")
+
+    # Two bitsandbytes layers: its first eval + no_grad forward on CPU repacks the weight for inference,
+    # after which that layer no longer passes gradients to its input.
+    theirs, theirs_training = bnb_layer(), bnb_layer()
+    x = torch.randn(args.batch, args.seq, args.size, dtype=torch.bfloat16)
+    rows = []
+
+    def infer(layer):
+        layer.eval()
+        with torch.no_grad():
+            return layer(x)
+
+    reference = ours.train()(x).detach()  # bitsandbytes' training path computes the same product
+    rows.append(["linear forward, eval + no_grad",
+                 *_paired_medians(lambda: infer(ours), lambda: infer(theirs), args.warmup, args.repeats),
+                 _same(infer(ours), infer(theirs))])
+    xg = x.clone().requires_grad_()
+
+    def train_forward(layer):
+        layer.train()
+        return layer(xg)
+
+    def train_step(layer):
+        xg.grad = None
+        train_forward(layer).float().square().mean().backward()
+        return xg.grad
+
+    rows.append(["linear forward, train (input needs grad)",
+                 *_paired_medians(lambda: train_forward(ours), lambda: train_forward(theirs_training),
+                                  args.warmup, args.repeats),
+                 _same(reference, train_forward(theirs_training).detach())])
+    rows.append(["linear forward + backward, train",
+                 *_paired_medians(lambda: train_step(ours), lambda: train_step(theirs_training), args.warmup,
+                                  args.repeats),
+                 _same(train_step(ours).clone(), train_step(theirs_training).clone())])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=4096, help="weight is size x size")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    rows = tensor_rows(args) + linear_rows(args)
+    print(f"# bench/bench_quant.py on {date.today()} ({machine()}, bitsandbytes {bnb.__version__}; "
+          f"load average {load:.2f} -> {os.getloadavg()[0]:.2f})")
+    print(f"# NF4, blocksize 64, double quantization; weight {args.size}x{args.size}; linear input "
+          f"{args.batch}x{args.seq}x{args.size} bf16; median of {args.repeats} after {args.warmup} warm-up calls")
+    table([[op, f"{a:.1f}", f"{b:.1f}", f"{a / b:.2f}", same] for op, a, b, same in rows],
+          ["operation", "lorakit ms", "bitsandbytes ms", "lorakit / bnb", "results"])
+
+
+if __name__ == "__main__":
+    main()
