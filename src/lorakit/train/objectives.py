@@ -44,9 +44,22 @@ def tail_logits(model: nn.Module, input_ids: Tensor, mask: Tensor, n: int) -> Te
     accepted = _forward_arguments(type(_unwrap(model)))
     if "position_ids" in accepted:
         kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    if "logits_to_keep" in accepted:
-        kwargs["logits_to_keep"] = n
-    return model(**kwargs).logits[:, -n:]
+    if "logits_to_keep" not in accepted:
+        return model(**kwargs).logits[:, -n:]
+    kwargs["logits_to_keep"] = n
+    head = _unwrap(model).get_output_embeddings()
+    hook = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
+    try:
+        return model(**kwargs).logits[:, -n:]
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    """The kept positions arrive as a strided slice; contiguous, the head is one matrix multiply instead
+    of a batched one that reads the whole (vocab x hidden) weight once per row."""
+    return (args[0].contiguous(), *args[1:])
 
 
 @torch.no_grad()
