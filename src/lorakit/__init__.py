@@ -19,9 +19,10 @@ from .io import adapter_state_dict, load, load_loralib, save
 from .loralib import lora_state_dict, mark_only_lora_as_trainable
 from .quant import dequantize_model, quantization_report, quantize_model
 
-from .version import __version__  # noqa: E402
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "LoraConfig",
     "LorakitError",
     "FormatError",
