@@ -165,8 +165,7 @@ def estimate(
     r: int = typer.Option(8, help="LoRA rank"),
     target: Optional[str] = typer.Option(None, help="modules to adapt (default: the architecture's)"),
     batch_size: int = typer.Option(16, help="examples per step"),
-    seq_len: int = typer.Option(48, help="tokens per example"),
-    quantize: Optional[str] = typer.Option(None, help="also size QLoRA in this format (nf4/fp4)"),
+    seq_len: int = typer.Option(64, help="tokens in the longest batch"),
 ) -> None:
     """Memory needed to train: weights, gradients, optimizer state, activations (LoRA, QLoRA, full)."""
     from .train.estimate import estimate_table
@@ -178,7 +177,7 @@ def _print_estimate(cfg) -> None:
     from .train.estimate import estimate_table
 
     console.print(estimate_table(cfg.model, r=cfg.r, target=cfg.target, batch_size=cfg.batch_size,
-                                 seq_len=min(cfg.max_length, 48 if cfg.data == "default" else cfg.max_length)))
+                                 seq_len=min(cfg.max_length, 64 if cfg.data == "default" else cfg.max_length)))
 
 
 def _targets(text: Optional[str]):

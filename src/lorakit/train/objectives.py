@@ -44,6 +44,8 @@ def tail_logits(model: nn.Module, input_ids: Tensor, mask: Tensor, n: int) -> Te
     accepted = _forward_arguments(type(_unwrap(model)))
     if "position_ids" in accepted:
         kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    if "use_cache" in accepted:
+        kwargs["use_cache"] = False  # one pass: a KV cache would only hold memory
     if "logits_to_keep" not in accepted:
         return model(**kwargs).logits[:, -n:]
     kwargs["logits_to_keep"] = n
