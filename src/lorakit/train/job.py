@@ -126,8 +126,8 @@ def run_job(cfg: JobConfig, progress: bool = True, log: Callable[[str], None] = 
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(adapter_dir)
     agreement = _merged_agreement(model, prepared) if prepared.choice is not None else None
-    curve = plot_curves(result.history, out / "curves.png", f"lorakit train: {cfg.model} on {cfg.data}", before) \
-        if distributed.is_main() else None
+    title = f"lorakit train: {cfg.model} model on {cfg.data} data"
+    curve = plot_curves(result.history, out / "curves.png", title, before, after) if distributed.is_main() else None
     distributed.barrier()
     return JobReport(trainable, total, result, before, after, _peak_memory_mb(device), adapter_dir, curve,
                      agreement, len(prepared.train), prepared.n_eval)

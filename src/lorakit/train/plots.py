@@ -7,8 +7,9 @@ from typing import Any
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str,
-                before: dict[str, float] | None = None) -> Path | None:
-    """Loss per step on the left axis, evaluation accuracy (with the step-0 baseline) on the right."""
+                before: dict[str, float] | None = None, after: dict[str, float] | None = None) -> Path | None:
+    """Loss per step on the left axis, evaluation accuracy (with the baseline and the final figure) on the
+    right."""
     steps = [h["step"] for h in history if "loss" in h]
     if not steps:
         return None
@@ -24,6 +25,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str,
     evals = [(h["step"], h["accuracy"]) for h in history if "accuracy" in h]
     if before and "accuracy" in before:
         evals = [(0, before["accuracy"]), *evals]
+    if after and "accuracy" in after and steps[-1] not in {s for s, _ in evals}:
+        evals = [*evals, (steps[-1], after["accuracy"])]
     if evals:
         acc = ax.twinx()
         acc.plot(*zip(*evals), color="tab:orange", marker="o", label="test accuracy")
