@@ -149,3 +149,18 @@ def test_config_file_and_flags(tiny_model, tmp_path):
     (tmp_path / "bad.yaml").write_text("rank: 4\n")
     with pytest.raises(lk.LorakitError, match="unknown settings \\['rank'\\]"):
         job_config({}, tmp_path / "bad.yaml", {})
+
+
+def test_eval_generate_and_qlora_commands(tiny_model, tmp_path):
+    write_jsonl(tmp_path / "data.jsonl", ROWS["prompt_completion"])
+    run_job(_cfg(tiny_model, tmp_path / "data.jsonl", tmp_path / "run", quantize="nf4"), progress=False)
+    runner = CliRunner()
+    for extra in ([], ["--adapter", str(tmp_path / "run" / "adapter")],
+                  ["--adapter", str(tmp_path / "run" / "adapter"), "--merged"]):
+        result = runner.invoke(app, ["eval", "--model", tiny_model, "--data", str(tmp_path / "data.jsonl"),
+                                     "--precision", "fp32", *extra])
+        assert result.exit_code == 0, result.output  # a QLoRA adapter also serves the 16-bit base
+        assert "accuracy" in result.output
+    result = runner.invoke(app, ["generate", "Review: a fine film\nSentiment:", "--model", tiny_model,
+                                 "--adapter", str(tmp_path / "run" / "adapter"), "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output

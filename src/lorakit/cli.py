@@ -173,6 +173,61 @@ def estimate(
     console.print(estimate_table(model, r=r, target=_targets(target), batch_size=batch_size, seq_len=seq_len))
 
 
+@app.command(name="eval")
+def evaluate(
+    model: str = typer.Option("default", help="base model: 'default', a Hugging Face folder or a .gguf"),
+    adapter: Optional[Path] = typer.Option(None, help="adapter folder (none: the base model alone)"),
+    data: str = typer.Option("default", help="'default' or a data file (its held-out 10% unless --eval-data)"),
+    eval_data: Optional[str] = typer.Option(None, help="evaluate on this whole file"),
+    eval_size: Optional[int] = typer.Option(None, help="only the first N held-out rows"),
+    merged: bool = typer.Option(False, help="merge the adapter into the weights first"),
+    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16"),
+) -> None:
+    """Held-out accuracy (or loss) of a base model, or of a base with an adapter, merged or not."""
+    from .train.job import JobConfig, evaluate_job
+
+    cfg = JobConfig(model=model, data=data, eval_data=eval_data, eval_size=eval_size, precision=precision)
+    metrics = evaluate_job(cfg, adapter=str(adapter) if adapter else None, merged=merged)
+    table = Table(title=f"lorakit eval: {model}" + (f" + {adapter}" + (" (merged)" if merged else "") if adapter else ""))
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}")
+    console.print(table)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="text to continue"),
+    model: str = typer.Option("default", help="base model: 'default', a Hugging Face folder or a .gguf"),
+    adapter: Optional[Path] = typer.Option(None, help="adapter folder (none: the base model alone)"),
+    merged: bool = typer.Option(False, help="merge the adapter into the weights first"),
+    chat: bool = typer.Option(False, help="wrap the prompt as a user message with the chat template"),
+    max_new_tokens: int = typer.Option(32, help="tokens to generate"),
+) -> None:
+    """Greedy continuation of a prompt by a base model, optionally with an adapter (merged or not)."""
+    import torch
+
+    from . import io
+    from .adapters import merge as merge_adapter
+    from .models import load_base_model
+
+    base, tokenizer = load_base_model(model)
+    if tokenizer is None:
+        raise LorakitError(f"{model} has no tokenizer files; generate needs one beside the weights")
+    if adapter is not None:
+        io.load(base, adapter)
+        if merged:
+            merge_adapter(base)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True) if chat else prompt
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat)
+    with torch.no_grad():
+        output = base.eval().generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
 def _print_estimate(cfg) -> None:
     from .train.estimate import estimate_table
 

@@ -21,6 +21,7 @@ from .. import adapters, io
 from ..config import LoraConfig
 from ..errors import LorakitError
 from ..inject import inject
+from ..state import lora_layers
 from . import data, distributed, sentiment
 from .evaluate import ChoiceTask, choice_eval, choice_predictions, classification_eval, loss_eval
 from .loop import Trainer, TrainResult, TrainSettings, amp_dtype, autocast
@@ -125,7 +126,8 @@ def run_job(cfg: JobConfig, progress: bool = True, log: Callable[[str], None] = 
         io.save(model, adapter_dir)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(adapter_dir)
-    agreement = _merged_agreement(model, prepared) if prepared.choice is not None else None
+    mergeable = not any(layer.lora_merge_blocker for _, layer in lora_layers(model))  # 4-bit bases are not
+    agreement = _merged_agreement(model, prepared) if prepared.choice is not None and mergeable else None
     title = f"lorakit train: {cfg.model} model on {cfg.data} data"
     curve = plot_curves(result.history, out / "curves.png", title, before, after) if distributed.is_main() else None
     distributed.barrier()
@@ -133,8 +135,21 @@ def run_job(cfg: JobConfig, progress: bool = True, log: Callable[[str], None] = 
                      agreement, len(prepared.train), prepared.n_eval)
 
 
-def prepare(cfg: JobConfig, device: torch.device) -> tuple[nn.Module, Any, Prepared]:
-    """Load model and data, apply the adapter (and quantization), and build the task's pieces."""
+def evaluate_job(cfg: JobConfig, adapter: str | None = None, merged: bool = False) -> dict[str, float]:
+    """The job's held-out metric for the base model, or for a saved adapter (merged or not)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _, prepared = prepare(cfg, device, adapter=adapter)
+    if adapter and merged:
+        adapters.merge(model)
+    with autocast(device, amp_dtype(cfg.precision, device)):
+        if adapter is None:
+            with adapters.disabled(model):
+                return prepared.evaluate(model)
+        return prepared.evaluate(model)
+
+
+def prepare(cfg: JobConfig, device: torch.device, adapter: str | None = None) -> tuple[nn.Module, Any, Prepared]:
+    """Load model and data, apply a new adapter (or load `adapter`) and quantization, build the task."""
     from ..models import load_base_model
 
     train_records, eval_records = _records(cfg)
@@ -155,8 +170,11 @@ def prepare(cfg: JobConfig, device: torch.device) -> tuple[nn.Module, Any, Prepa
 
         quantize_model(model, cfg.quantize, compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     head = _head_name(model) if task == "classification" else None
-    inject(model, LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target,
-                             modules_to_save=[head] if head else []))
+    if adapter is not None:
+        io.load(model, adapter)
+    else:
+        inject(model, LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target,
+                                 modules_to_save=[head] if head else []))
     train = data.tokenize(train_records, tokenizer, fmt, cfg.max_length, label_names=labels or None)
     evaluation = data.tokenize(eval_records, tokenizer, fmt, cfg.max_length, label_names=labels or None)
     pad = tokenizer.pad_token_id
