@@ -1,4 +1,4 @@
-"""The main job on the embedded default (SmolLM2-135M-Instruct, movie-review sentiment), shortened for CI."""
+"""The main job on the embedded default (SmolLM2-135M-Instruct, movie-review sentiment), as `make demo` runs it."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ from lorakit.train.job import JobConfig, run_job
 
 
 def test_default_job_beats_zero_shot(tmp_path):
-    cfg = JobConfig(steps=60, lr=2e-3, batch_size=16, eval_size=300, out=str(tmp_path / "run"))  # the demo's
-    # training, evaluated on 300 of the 1,200 held-out sentences to save time
+    cfg = JobConfig(steps=60, lr=2e-3, batch_size=16, out=str(tmp_path / "run"))  # the demo's settings
     report = run_job(cfg, progress=False)
     assert report.trainable / report.total < 0.01
-    assert report.after["accuracy"] >= report.before["accuracy"] + 0.04, (report.before, report.after)
+    assert report.after["accuracy"] >= max(0.85, report.before["accuracy"] + 0.05), (report.before, report.after)
     assert report.after["eval_loss"] < report.before["eval_loss"]
     same, n = report.merged_agreement
     assert same == n
