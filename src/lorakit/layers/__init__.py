@@ -1,5 +1,5 @@
 """LoRA layers: one shared core (core.py) and one small file per base kind."""
 
-from .core import AdapterSpec, LoraLayer, is_lora_layer
+from .core import AdapterSpec, LoraLayer
 
-__all__ = ["AdapterSpec", "LoraLayer", "is_lora_layer"]
+__all__ = ["AdapterSpec", "LoraLayer"]

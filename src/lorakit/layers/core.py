@@ -321,10 +321,6 @@ class LoraLayer:
         return self
 
 
-def is_lora_layer(module: nn.Module) -> bool:
-    return isinstance(module, LoraLayer)
-
-
 def _init_pair(A: Tensor, B: Tensor, r: int, init: str, zero_A: bool) -> None:
     """Start with B.A = 0 so the adapted model equals the base model."""
     with torch.no_grad():

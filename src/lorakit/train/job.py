@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -79,8 +79,6 @@ class Prepared:
     evaluate: Callable[[nn.Module], dict[str, float]]
     choice: ChoiceTask | None = None
     n_eval: int = 0
-    n_truncated: int = 0
-    label_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -182,14 +180,13 @@ def prepare(cfg: JobConfig, device: torch.device, adapter: str | None = None) ->
         collate = lambda rows: data.collate(rows, pad, padding_side="right")  # noqa: E731
         return model, tokenizer, Prepared(task, train.examples, collate, classification_loss,
                                           lambda m: classification_eval(m, evaluation.examples, collate),
-                                          n_eval=len(evaluation.examples), n_truncated=train.n_truncated,
-                                          label_names=labels)
+                                          n_eval=len(evaluation.examples))
     collate = lambda rows: data.collate(rows, pad, padding_side="left")  # noqa: E731
     choice = _choice_task(eval_records, tokenizer, fmt, cfg.max_length) if fmt == "prompt_completion" else None
     evaluate = (lambda m: choice_eval(m, choice)) if choice else \
         (lambda m: loss_eval(m, evaluation.examples, collate))
     return model, tokenizer, Prepared(task, train.examples, collate, causal_lm_loss, evaluate, choice,
-                                      n_eval=len(eval_records), n_truncated=train.n_truncated)
+                                      n_eval=len(eval_records))
 
 
 def _records(cfg: JobConfig) -> tuple[list[dict], list[dict]]:
