@@ -168,9 +168,11 @@ def estimate(
     seq_len: int = typer.Option(64, help="tokens in the longest batch"),
 ) -> None:
     """Memory needed to train: weights, gradients, optimizer state, activations (LoRA, QLoRA, full)."""
+    from .train.config_file import parse_targets
     from .train.estimate import estimate_table
 
-    console.print(estimate_table(model, r=r, target=_targets(target), batch_size=batch_size, seq_len=seq_len))
+    targets = parse_targets(target) if target else None
+    console.print(estimate_table(model, r=r, target=targets, batch_size=batch_size, seq_len=seq_len))
 
 
 @app.command(name="eval")
@@ -233,12 +235,6 @@ def _print_estimate(cfg) -> None:
 
     console.print(estimate_table(cfg.model, r=cfg.r, target=cfg.target, batch_size=cfg.batch_size,
                                  seq_len=min(cfg.max_length, 64 if cfg.data == "default" else cfg.max_length)))
-
-
-def _targets(text: Optional[str]):
-    if text is None or text == "all-linear" or not text.replace(",", "").replace("_", "").isalnum():
-        return text
-    return [t for t in text.split(",") if t]
 
 
 def _relaunch_with_torchrun(nproc: int) -> None:
