@@ -387,3 +387,74 @@ def test_quantize_model_plain_module_skip_and_errors():
         quantize_model(nn.Sequential(nn.Linear(64, 64)), blocksize=48)
     with pytest.raises(LorakitError, match="cannot quantize 0: .*got torch.float64"):
         quantize_model(nn.Sequential(nn.Linear(64, 64)).double())
+
+
+def _tiny_gpt2():
+    from tiny_models import _gpt2
+
+    torch.manual_seed(0)
+    return _gpt2().eval()
+
+
+GPT2_LINEARS = [f"transformer.h.{i}.{part}" for i in range(2)
+                for part in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+
+
+def test_quantize_model_gpt2_conv1d_computes_as_its_dequantized_weights():
+    from tiny_models import _ids
+
+    base = _tiny_gpt2()
+    model = quantize_model(_tiny_gpt2(), "nf4", compute_dtype=torch.float32)
+    assert [n for n, m in model.named_modules() if isinstance(m, Linear4bit)] == GPT2_LINEARS
+    assert type(model.lm_head) is nn.Linear  # the output head (tied to wte) stays dense
+    c_attn = model.transformer.h[0].attn.c_attn
+    assert (c_attn.in_features, c_attn.out_features) == (32, 96)  # Conv1D's (in, out) weight, as nn.Linear
+    # the original Conv1D model holding the dequantized weights (transposed back) computes the same
+    with torch.no_grad():
+        for name in GPT2_LINEARS:
+            base.get_submodule(name).weight.copy_(model.get_submodule(name).dequantize_weight().T)
+    ids = _ids(2)
+    with torch.no_grad():
+        logits = model(ids).logits
+        torch.testing.assert_close(logits, base(ids).logits, atol=1e-5, rtol=0)
+        assert torch.equal(dequantize_model(model)(ids).logits, logits)  # same F.linear on the same values
+
+
+def test_gpt2_state_dict_equals_transformers_with_bitsandbytes(tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _tiny_gpt2().save_pretrained(tmp_path)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, device_map="cpu").state_dict()
+    ours = quantize_model(_tiny_gpt2(), "nf4", compute_dtype=torch.float32).state_dict()
+    assert list(ours) == list(theirs)
+    for key, value in theirs.items():
+        assert value.dtype == ours[key].dtype and torch.equal(value, ours[key]), key
+
+
+def test_qlora_on_gpt2_conv1d_layers_saves_and_loads(tmp_path):
+    import lorakit as lk
+    from lorakit.layers import LoraLayer
+    from tiny_models import _ids, randomize_adapters
+
+    model = quantize_model(_tiny_gpt2(), "nf4", compute_dtype=torch.float32)
+    ids = _ids(2)
+    with torch.no_grad():
+        base_logits = model(ids).logits
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules=["c_attn", "c_proj", "c_fc"]))
+    assert all(isinstance(model.get_submodule(n), LoraLayer) for n in GPT2_LINEARS)
+    randomize_adapters(model)
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert not torch.allclose(logits, base_logits)
+    lk.save(model, tmp_path / "adapter")
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    # the adapter folder on a freshly quantized base, and the whole state dict on a quantized skeleton
+    fresh = lk.load(quantize_model(_tiny_gpt2(), "nf4", compute_dtype=torch.float32), tmp_path / "adapter")
+    skeleton = lk.inject(quantize_model(_tiny_gpt2(), "nf4", compute_dtype=torch.float32),
+                         lk.LoraConfig(r=4, alpha=8, target_modules=["c_attn", "c_proj", "c_fc"]))
+    skeleton.load_state_dict(torch.load(tmp_path / "model.pt"))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, logits)
+        assert torch.equal(skeleton(ids).logits, logits)

@@ -4,22 +4,35 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from torch import nn
 from typer.testing import CliRunner
 
 import lorakit as lk
 from lorakit.cli import app
 from lorakit.models import load_base_model
 from lorakit.quant import Linear4bit
-from tiny_models import _ids
+from tiny_models import VOCAB, _ids
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def _llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB))
+
+
+def _gpt2() -> nn.Module:
+    """64 wide: bitsandbytes' CPU inference kernel fails on layers narrower than its block size."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=32))
+
+
+@pytest.fixture(scope="module", params=[_llama, _gpt2], ids=["llama", "gpt2"])  # gpt2: Conv1D layers, tied head
+def folders(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("quantize")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=96)).eval()
+    model = request.param().eval()
     model.save_pretrained(root / "base")
     result = CliRunner().invoke(app, ["quantize", "--model", str(root / "base"), "--out", str(root / "q"),
                                       "--compute-dtype", "fp32"])
@@ -28,10 +41,14 @@ def folders(tmp_path_factory):
     return root, reference
 
 
+def _quantized_names(model: nn.Module, kind: type) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, kind)]
+
+
 def test_lorakit_reads_its_quantized_folder_exactly(folders):
     root, reference = folders
     model, _ = load_base_model(root / "q")
-    assert isinstance(model.model.layers[0].mlp.down_proj, Linear4bit)
+    assert _quantized_names(model, Linear4bit) == _quantized_names(reference, Linear4bit)
     ids = _ids(2)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)
@@ -40,12 +57,12 @@ def test_lorakit_reads_its_quantized_folder_exactly(folders):
 
 
 def test_transformers_with_bitsandbytes_reads_it(folders):
-    pytest.importorskip("bitsandbytes")
+    bnb = pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
     root, reference = folders
     theirs = AutoModelForCausalLM.from_pretrained(root / "q").eval()
-    assert type(theirs.model.layers[0].self_attn.q_proj).__module__.startswith("bitsandbytes")
+    assert _quantized_names(theirs, bnb.nn.Linear4bit) == _quantized_names(reference, Linear4bit)
     ids = _ids(2)
     with torch.no_grad():  # bitsandbytes' CPU kernel rounds differently; the weights are the same bytes
         torch.testing.assert_close(theirs(ids).logits.float(), reference(ids).logits, atol=1e-2, rtol=0)

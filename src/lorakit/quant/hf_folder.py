@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import FormatError
-from .linear4bit import Linear4bit
+from .linear4bit import Linear4bit, linear_weight
 
 QUANT_STATE = ".weight.quant_state.bitsandbytes__"
 
@@ -74,11 +74,13 @@ def load_quantized(folder: Path, auto: Any) -> nn.Module:
     prefixes = {key[: key.index(QUANT_STATE)] for key in state if QUANT_STATE in key}
     for name in prefixes:
         linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
+        weight = linear_weight(linear)
+        if weight is None:
             raise FormatError(f"{folder}: {name} holds 4-bit weights but is a {type(linear).__name__} in the model")
+        out_features, in_features = weight.shape
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child,
-                Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                Linear4bit(in_features, out_features, bias=linear.bias is not None,
                            quant_type=quant["bnb_4bit_quant_type"], compute_dtype=compute_dtype,
                            double_quant=bool(quant.get("bnb_4bit_use_double_quant"))))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -90,7 +92,8 @@ def load_quantized(folder: Path, auto: Any) -> nn.Module:
 
 
 def _dense_linears(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    """Layers transformers would otherwise load in 4 bits (nn.Linear and Conv1D) that the file keeps dense."""
+    return [n for n, m in model.named_modules() if linear_weight(m) is not None]
 
 
 def _tied(model: nn.Module, key: str) -> bool:

@@ -16,6 +16,21 @@ _TENSORS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map"
 _STATS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 family), recognised without importing transformers."""
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers.") for c in type(module).__mro__)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor | None:
+    """The (out_features, in_features) weight of an nn.Linear, or the transposed view of a transformers
+    Conv1D's (in, out) weight; None for any other module. Both compute x @ W.T + b, so both quantize alike."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if _is_hf_conv1d(module):
+        return module.weight.T
+    return None
+
+
 @dataclass(frozen=True)
 class _Spec:
     """The non-tensor half of a QuantizedTensor, passed through autograd unchanged."""
@@ -92,17 +107,25 @@ class Linear4bit(nn.Module):
     @classmethod
     def from_linear(
         cls,
-        linear: nn.Linear,
+        linear: nn.Module,
         quant_type: str = "nf4",
         compute_dtype: torch.dtype = torch.bfloat16,
         blocksize: int = 64,
         double_quant: bool = True,
     ) -> Linear4bit:
-        """Quantize an nn.Linear's weight (on its own device); the bias is copied in `compute_dtype`."""
-        if not isinstance(linear, nn.Linear):
-            raise LorakitError(f"from_linear needs a torch.nn.Linear, got {type(linear).__name__}")
-        qt = quantize(linear.weight.detach(), quant_type, blocksize, double_quant)
-        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, quant_type=quant_type,
+        """Quantize an nn.Linear's weight (on its own device); the bias is copied in `compute_dtype`.
+
+        A transformers Conv1D (GPT-2) is taken as the nn.Linear it computes: its (in, out) weight is
+        transposed before quantizing, as transformers' bitsandbytes integration does, so the state dict
+        is the one transformers + bitsandbytes write for that model.
+        """
+        weight = linear_weight(linear)
+        if weight is None:
+            raise LorakitError(f"from_linear needs a torch.nn.Linear or a transformers Conv1D, got "
+                               f"{type(linear).__name__}")
+        qt = quantize(weight.detach(), quant_type, blocksize, double_quant)
+        out_features, in_features = weight.shape
+        module = cls(in_features, out_features, bias=linear.bias is not None, quant_type=quant_type,
                      compute_dtype=compute_dtype, blocksize=blocksize, double_quant=double_quant, device="meta")
         module._set_quantized(qt)
         if linear.bias is not None:

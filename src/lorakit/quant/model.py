@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import LorakitError
-from .linear4bit import Linear4bit
+from .linear4bit import Linear4bit, linear_weight
 from .tensor import check_config
 
 logger = logging.getLogger("lorakit.quant")
@@ -53,12 +53,14 @@ def _matches(name: str, patterns: list[str]) -> bool:
 
 
 def _linear_names(model: nn.Module, skip: list[str]) -> list[str]:
+    """Names of the layers `quantize_model` converts: nn.Linear and transformers Conv1D, minus the skipped,
+    the output head, MultiheadAttention's projection and tied weights."""
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     owners = {id(child): parent for parent in model.modules() for child in parent.children()}
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or _matches(name, skip) or module is head:
+        if linear_weight(module) is None or _matches(name, skip) or module is head:
             continue
         if isinstance(owners.get(id(module)), nn.MultiheadAttention):
             continue  # MultiheadAttention reads out_proj.weight directly, never calls the module
@@ -77,7 +79,8 @@ def quantize_model(
     blocksize: int = 64,
     double_quant: bool = True,
 ) -> nn.Module:
-    """Replace the model's nn.Linear layers with Linear4bit in place and return the model.
+    """Replace the model's nn.Linear layers (and transformers' Conv1D, as the nn.Linear it computes) with
+    Linear4bit in place and return the model.
 
     `skip` holds module names (exact or dotted suffix) to keep dense; the output head
     (`model.get_output_embeddings()`) and weights tied to other modules always stay dense.
@@ -106,7 +109,8 @@ def quantize_model(
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every Linear4bit with an nn.Linear holding its dequantized weight (in `dtype`, default the
-    dtype it was quantized from; the weight stays frozen) in place, and return the model."""
+    dtype it was quantized from; the weight stays frozen) in place, and return the model. A quantized
+    GPT-2 Conv1D comes back as the nn.Linear it computes."""
     if isinstance(model, Linear4bit):
         raise LorakitError("dequantize_model replaces layers inside a model; for one layer use layer.to_linear()")
     names = [name for name, module in model.named_modules() if isinstance(module, Linear4bit)]

@@ -197,12 +197,13 @@ def _quantize_on_meta(model: nn.Module) -> None:
     """Swap the layers `quantize_model` would quantize for empty nf4 Linear4bit layers (exact sizes, no
     data); the compute dtype is fp32, as the trainer picks on CPU."""
     from ..adapters import replace_module
-    from ..quant.linear4bit import Linear4bit
+    from ..quant.linear4bit import Linear4bit, linear_weight
     from ..quant.model import _linear_names
 
     for name in _linear_names(model, ["lm_head"]):
         linear = model.get_submodule(name)
-        replace_module(model, name, Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
+        out_features, in_features = linear_weight(linear).shape  # GPT-2's Conv1D stores (in, out)
+        replace_module(model, name, Linear4bit(in_features, out_features, linear.bias is not None,
                                                quant_type="nf4", compute_dtype=torch.float32, device="meta"))
 
 
