@@ -12,6 +12,7 @@ from .errors import LorakitError
 
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_METHODS = ("kaiming", "gaussian", "pissa")
+PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # also valid: PiSSA by torch.svd_lowrank, k power iterations (PEFT's)
 
 # Default targets per `config.model_type`, the modules PEFT adapts for the same architecture.
 ARCHITECTURE_TARGETS: dict[str, list[str]] = {
@@ -73,8 +74,8 @@ class LoraConfig:
         self.exclude_modules = _check_names("exclude_modules", self.exclude_modules)
         if self.bias not in BIAS_MODES:
             raise LorakitError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if self.init not in INIT_METHODS:
-            raise LorakitError(f"init must be one of {INIT_METHODS}, got {self.init!r}")
+        if self.init not in INIT_METHODS and not (isinstance(self.init, str) and PISSA_NITER.fullmatch(self.init)):
+            raise LorakitError(f"init must be one of {INIT_METHODS} or 'pissa_niter_<k>', got {self.init!r}")
         for flag in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, flag), bool):
                 raise LorakitError(f"{flag} must be True or False, got {getattr(self, flag)!r}")

@@ -11,6 +11,7 @@ from typing import Iterator
 
 from torch import nn
 
+from . import pissa
 from .adapters import replace_module, set_active, set_trainable
 from .config import ARCHITECTURE_TARGETS, LoraConfig
 from .errors import LorakitError
@@ -31,7 +32,11 @@ class _Target:
 
 
 def inject(model: nn.Module, cfg: LoraConfig, adapter: str = "default") -> nn.Module:
-    """Wrap the layers `cfg` targets in place, freeze the base, and make `adapter` active and trainable."""
+    """Wrap the layers `cfg` targets in place, freeze the base, and make `adapter` active and trainable.
+
+    With init="pissa" each target's base weight becomes its PiSSA residual (see lorakit.pissa), so such an
+    adapter must be the model's only one.
+    """
     _check_arguments(model, cfg, adapter)
     if find_state(model) is not None:
         raise LorakitError(
@@ -62,6 +67,7 @@ def attach(model: nn.Module, adapter: str, cfg: LoraConfig, specs: dict[str, Ada
         raise LorakitError(f"adapter {adapter!r} already exists; delete it first or load under another name")
     modules = dict(base_modules(model))
     targets = [_Target(name, modules[name], _lora_class(name, modules[name]), spec) for name, spec in specs.items()]
+    _check_pissa(model, cfg, targets)
     return _commit(model, cfg, adapter, targets, _plan_saved(model, cfg.modules_to_save))
 
 
@@ -114,8 +120,6 @@ def _check_arguments(model: nn.Module, cfg: LoraConfig, adapter: str) -> None:
 
 
 def _plan(model: nn.Module, cfg: LoraConfig) -> tuple[list[_Target], list[tuple[str, nn.Module]]]:
-    if cfg.init == "pissa":
-        raise LorakitError("init='pissa' is not available yet; use init='kaiming' or 'gaussian'")
     saved = _plan_saved(model, cfg.modules_to_save)
     saved_names = [n for n, _ in saved]
     targets = resolve_targets(model, cfg.target_modules)
@@ -140,7 +144,15 @@ def _plan(model: nn.Module, cfg: LoraConfig) -> tuple[list[_Target], list[tuple[
             raise LorakitError(f"use_dora: {name!r} is a {type(module).__name__}; DoRA applies to linear layers "
                                "only, so narrow target_modules")
         plan.append(_Target(name, module, _lora_class(name, module, model), spec))
+    _check_pissa(model, cfg, plan)
     return plan, saved
+
+
+def _check_pissa(model: nn.Module, cfg: LoraConfig, targets: list[_Target]) -> None:
+    pissa.check_adding(model, cfg.init)
+    if pissa.is_pissa(cfg.init):
+        for target in targets:
+            pissa.check_target(target.name, target.module, target.spec)
 
 
 def _lora_class(name: str, module: nn.Module, model: nn.Module | None = None) -> type[LoraLayer] | None:
@@ -189,7 +201,10 @@ def _apply(model: nn.Module, cfg: LoraConfig, adapter: str, targets: list[_Targe
         if target.lora_class is not None:
             module.__class__ = target.lora_class
             module.lora_setup()
-        module.lora_add(adapter, target.spec, cfg.init)
+        if pissa.is_pissa(cfg.init):
+            pissa.add(module, adapter, target.spec, cfg.init)
+        else:
+            module.lora_add(adapter, target.spec, cfg.init)
     for name, module in saved:
         wrapper = module if isinstance(module, ModulesToSave) else _wrap(model, name, module)
         wrapper.add_copy(adapter)

@@ -23,7 +23,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
-from . import atomic
+from . import atomic, pissa
 from .version import __version__
 from .config import LoraConfig
 from .errors import FormatError, LorakitError
@@ -49,11 +49,16 @@ _TASK_MAPPINGS = {  # PEFT's task_type -> transformers' auto-class table of mode
 
 
 # ---- writing --------------------------------------------------------------------------------------------
-def adapter_state_dict(model: nn.Module, adapter: str = "default", dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """One adapter's tensors under PEFT's key names (adapter name stripped), in their own dtype unless asked."""
+def adapter_state_dict(model: nn.Module, adapter: str = "default", dtype: torch.dtype | None = None,
+                       convert_pissa: bool = True) -> dict[str, Tensor]:
+    """One adapter's tensors under PEFT's key names (adapter name stripped), in their own dtype unless asked.
+
+    A PiSSA adapter comes as a plain LoRA pair of twice its rank against the original weights unless
+    `convert_pissa=False` (see `save`).
+    """
     out: dict[str, Tensor] = {}
     for name, layer in _layers_with(model, adapter):
-        A, B = _file_pair(layer, adapter)
+        A, B = _file_pair(layer, adapter, convert_pissa)
         kind = "lora_embedding_{}" if isinstance(layer, Embedding) else "lora_{}.weight"
         out[f"{PREFIX}{name}.{kind.format('A')}"] = A
         out[f"{PREFIX}{name}.{kind.format('B')}"] = B
@@ -67,12 +72,17 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default", dtype: torch.
             for k, v in out.items()}
 
 
-def adapter_config(model: nn.Module, adapter: str = "default") -> dict[str, Any]:
-    """adapter_config.json in PEFT's keys, describing exactly the layers the adapter holds."""
+def adapter_config(model: nn.Module, adapter: str = "default", convert_pissa: bool = True) -> dict[str, Any]:
+    """adapter_config.json in PEFT's keys, describing exactly the layers the adapter holds (and, for a PiSSA
+    adapter, the file `convert_pissa` chooses)."""
     layers = dict(_layers_with(model, adapter))
-    shapes = {name: _file_rank_alpha(layer, adapter) for name, layer in layers.items()}
+    shapes = {name: _file_rank_alpha(layer, adapter, convert_pissa) for name, layer in layers.items()}
     state = find_state(model)
     cfg = state.configs.get(adapter) if state else None
+    if cfg is not None and pissa.is_pissa(cfg.init) and convert_pissa:
+        cfg = pissa.lora_config(cfg)
+    elif cfg is not None and pissa.is_pissa(cfg.init):
+        _check_repeatable(cfg, adapter)
     if cfg is not None and all((cfg.rank_for(n), cfg.alpha_for(n)) == ra for n, ra in shapes.items()):
         r, alpha, rank_pattern, alpha_pattern = cfg.r, cfg.alpha, cfg.rank_pattern, cfg.alpha_pattern
     else:
@@ -104,15 +114,23 @@ def adapter_config(model: nn.Module, adapter: str = "default") -> dict[str, Any]
 
 
 def save(model: nn.Module, out_dir: str | os.PathLike, adapter: str | list[str] | None = "default",
-         dtype: torch.dtype | None = None) -> Path:
+         dtype: torch.dtype | None = None, convert_pissa: bool = True) -> Path:
     """Write adapter folders as PEFT does: one adapter into `out_dir`; None = all adapters, "default" at the
-    top and every other one in a subfolder of its name. Each file is replaced atomically."""
+    top and every other one in a subfolder of its name. Each file is replaced atomically.
+
+    A PiSSA adapter (init="pissa") is written as the whole change against the original weights: a plain
+    LoRA pair of rank 2r ([A; A0], [B, -B0]) with alpha keeping the scaling and `init_lora_weights: true`,
+    which any LoRA tool applies to the unmodified base. `convert_pissa=False` writes A and B as trained
+    (rank r) with `init_lora_weights: "pissa"`: PEFT and lorakit then decompose the original base again when
+    loading, so it too goes onto the unmodified base, at the cost of an SVD per layer (not possible for
+    "pissa_niter_<k>", whose randomized SVD cannot be repeated).
+    """
     out_dir = Path(out_dir)
     names = _adapter_names(model) if adapter is None else [adapter] if isinstance(adapter, str) else list(adapter)
     for name in names:
         folder = out_dir if isinstance(adapter, str) or name == "default" else out_dir / name
-        tensors = {k: v.cpu() for k, v in adapter_state_dict(model, name, dtype).items()}
-        config = adapter_config(model, name)
+        tensors = {k: v.cpu() for k, v in adapter_state_dict(model, name, dtype, convert_pissa).items()}
+        config = adapter_config(model, name, convert_pissa)
         atomic.write_bytes(folder / WEIGHTS_NAME, save_safetensors(tensors, metadata={"format": "pt"}))
         atomic.write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir
@@ -274,9 +292,11 @@ def _adapter_names(model: nn.Module) -> list[str]:
     return sorted({n for _, layer in lora_layers(model) for n in layer.lora_adapters})
 
 
-def _file_pair(layer: LoraLayer, adapter: str) -> tuple[Tensor, Tensor]:
+def _file_pair(layer: LoraLayer, adapter: str, convert_pissa: bool) -> tuple[Tensor, Tensor]:
     """A and B as a plain LoRA pair; fused-part adapters become one block-structured pair (exact)."""
     spec = layer.lora_adapters[adapter]
+    if convert_pissa and pissa.origin(layer, adapter) is not None:
+        return pissa.lora_pair(layer, adapter)
     A, B = layer.lora_A[adapter], layer.lora_B[adapter]
     if spec.groups is None:
         return A, B
@@ -287,9 +307,19 @@ def _file_pair(layer: LoraLayer, adapter: str) -> tuple[Tensor, Tensor]:
     return A, full
 
 
-def _file_rank_alpha(layer: LoraLayer, adapter: str) -> tuple[int, float]:
+def _check_repeatable(cfg: LoraConfig, adapter: str) -> None:
+    """A file holding a PiSSA adapter's A and B as trained needs a loader to rebuild the same residual."""
+    if cfg.init != "pissa":
+        raise LorakitError(f"adapter {adapter!r} was started with init={cfg.init!r}, a randomized SVD that a loader "
+                           "cannot repeat, so its trained A and B cannot be saved alone; save it converted "
+                           "(convert_pissa=True, the default)")
+
+
+def _file_rank_alpha(layer: LoraLayer, adapter: str, convert_pissa: bool) -> tuple[int, float]:
     """The rank in the file and the alpha that gives this layer's scaling at that rank."""
     spec = layer.lora_adapters[adapter]
+    if convert_pissa and pissa.origin(layer, adapter) is not None:
+        return pissa.lora_rank_alpha(spec)
     rank = spec.r * spec.n_enabled
     if spec.groups is None:
         return rank, spec.alpha
@@ -363,9 +393,10 @@ def _split_key(key: str) -> tuple[str, str | None]:
 
 
 def _config_from_file(file: AdapterFile) -> LoraConfig:
-    config = file.config
+    config, init = file.config, _init_from_file(file)
     try:
         return LoraConfig(
+            init=init,
             r=int(config["r"]),
             alpha=config["lora_alpha"],
             dropout=float(config.get("lora_dropout") or 0.0),
@@ -379,6 +410,19 @@ def _config_from_file(file: AdapterFile) -> LoraConfig:
         )
     except LorakitError as exc:
         raise FormatError(f"{file.folder / CONFIG_NAME}: {exc}") from None
+
+
+def _init_from_file(file: AdapterFile) -> str:
+    """The init that matters when loading: PiSSA files hold A and B for the residual, so the base is decomposed
+    again; every other file holds the whole update."""
+    init = file.config.get("init_lora_weights")
+    if init == "pissa":
+        return init
+    if isinstance(init, str) and pissa.is_pissa(init):
+        raise FormatError(f"{file.folder / CONFIG_NAME}: init_lora_weights is {init!r}: the tensors go with a residual "
+                          "from a randomized SVD that cannot be repeated; convert the adapter where it was trained "
+                          "(PEFT: save_pretrained(path_initial_model_for_weight_conversion=...); lorakit: lk.save)")
+    return "kaiming"
 
 
 def _check_saved(model: nn.Module, modules: dict[str, nn.Module], file: AdapterFile, cfg: LoraConfig,
