@@ -148,7 +148,7 @@ def test_trained_adapter_saved_raw_is_decomposed_again_on_loading(case, tmp_path
 
 
 def test_converted_file_equals_peft_conversion(tmp_path):
-    base, ours, theirs = _build("llama")
+    _, ours, theirs = _build("llama")
     theirs.save_pretrained(tmp_path / "initial")  # PEFT needs its starting adapter on disk to convert
     _train(ours)
     with torch.no_grad():

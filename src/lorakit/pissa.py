@@ -27,6 +27,7 @@ from .layers.linear import LinearKind
 from .layers.registry import lora_class_for, planned_shapes
 from .state import lora_layers
 
+
 @dataclass(frozen=True)
 class PissaSpec(AdapterSpec):
     """An adapter PiSSA started: its settings and the starting pair (A0, B0).
