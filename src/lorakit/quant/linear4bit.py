@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FormatError, LorakitError
@@ -46,6 +45,19 @@ class _Spec:
                                self.dtype, nested_absmax, nested_quant_map, self.nested_offset)
 
 
+def _linear_not_a_view(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) with the same kernels, written into a fresh tensor rather than returned as a
+    view of a 2-D product: a custom Function's output may then be updated in place (e.g. an adapter adding
+    its term to the base output), which autograd forbids for views created inside the Function."""
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+    flat, x2 = out.view(-1, weight.shape[0]), x.reshape(-1, x.shape[-1])
+    if bias is None:
+        torch.mm(x2, weight.T, out=flat)
+    else:
+        torch.addmm(bias, x2, weight.T, out=flat)
+    return out
+
+
 class _DequantLinear(torch.autograd.Function):
     """x @ W.T + b where W is rebuilt from its 4-bit codes in forward and again in backward.
 
@@ -57,8 +69,10 @@ class _DequantLinear(torch.autograd.Function):
     def forward(ctx, x, bias, spec, packed, absmax, quant_map, nested_absmax, nested_quant_map):
         ctx.spec = spec
         ctx.save_for_backward(packed, absmax, quant_map, nested_absmax, nested_quant_map)
-        weight = spec.build(packed, absmax, quant_map, nested_absmax, nested_quant_map).dequantize(x.dtype)
-        return F.linear(x, weight, bias)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype  # as F.linear
+        weight = spec.build(packed, absmax, quant_map, nested_absmax, nested_quant_map).dequantize(dtype)
+        return _linear_not_a_view(x.to(dtype), weight, None if bias is None else bias.to(dtype))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
