@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .errors import LorakitError
+from .layers.routing import RoutePlan
 from .state import STATE_ATTRIBUTE, check_adapter_names, get_state, lora_layers, saved_modules
 
 AdapterNames = str | Sequence[str] | None
@@ -99,23 +100,23 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def route(model: nn.Module, names_per_row: Sequence[str | None]) -> Iterator[nn.Module]:
-    """Per-row adapters in one batch: row i uses adapter names_per_row[i] (None = the base model)."""
+def route(model: nn.Module, names_per_row: Sequence[str | None], strategy: str = "auto") -> Iterator[nn.Module]:
+    """Per-row adapters in one batch: row i uses adapter names_per_row[i] (None = the base model).
+
+    The routing holds for every forward inside the block (all steps of `generate`). `strategy`: "gather"
+    (batched matmuls over every row's padded A and B), "group" (one pass per adapter) or "auto" (gather
+    when a layer sees two or more adapters); see lorakit/layers/routing.py.
+    """
     state = get_state(model)
     if isinstance(names_per_row, str) or not len(names_per_row):
         raise LorakitError("lk.route takes a list with one adapter name (or None) per row of the batch")
     check_adapter_names(state, [n for n in names_per_row if n is not None])
     if _merged(model):
         raise LorakitError("routing needs unmerged adapters; call lk.unmerge(model) first")
-    routes = {}
-    for row, name in enumerate(names_per_row):
-        if name is not None:
-            routes.setdefault(name, []).append(row)
+    plan = RoutePlan(names_per_row, strategy)
     layers = [layer for _, layer in lora_layers(model)]
     for layer in layers:
-        device = layer.lora_reference_weight().device
-        layer.lora_routes = tuple((n, torch.tensor(rows, device=device)) for n, rows in routes.items())
-        layer.lora_route_rows = len(names_per_row)
+        layer.lora_routes = plan
     try:
         yield model
     finally:

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LorakitError
-from . import dora
+from . import dora, lean, routing
 
 LORA_ATTRIBUTES = (
     "lora_adapters", "lora_active", "lora_merged", "lora_live", "lora_disabled", "lora_merge_on_eval", "lora_routes",
-    "lora_dora_scale", "lora_dora_cache",
+    "lora_dora_scale", "lora_dora_cache", "lora_lean",
 )
 LORA_PARAMETER_DICTS = ("lora_A", "lora_B")
 LORA_MODULES = (*LORA_PARAMETER_DICTS, "lora_magnitude")
@@ -59,6 +59,7 @@ class LoraLayer:
     lora_zero_init_A: ClassVar[bool] = False  # embeddings start from A = 0, B random (PEFT's choice)
     lora_merge_blocker: ClassVar[str | None] = None  # why this kind cannot merge in place, if it cannot
     lora_supports_dora: ClassVar[bool] = False
+    lora_lean_kind: ClassVar[bool] = False  # plain x·Aᵀ·Bᵀ adapters on a base whose output may be updated in place
 
     lora_A: nn.ParameterDict
     lora_B: nn.ParameterDict
@@ -69,10 +70,10 @@ class LoraLayer:
     lora_active: tuple[str, ...]
     lora_merged: tuple[str, ...]
     lora_live: tuple[str, ...]
+    lora_lean: bool  # every live adapter can take the in-place path of layers/lean.py
     lora_disabled: bool
     lora_merge_on_eval: bool
-    lora_routes: tuple[tuple[str, Tensor], ...] | None  # per-row adapters: (name, row indices) pairs
-    lora_route_rows: int
+    lora_routes: routing.RoutePlan | None  # per-row adapters inside an lk.route block
 
     # ---- hooks a base kind implements -------------------------------------------------------------
     def lora_shapes(self, spec: AdapterSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -114,6 +115,7 @@ class LoraLayer:
         self.lora_active = ()
         self.lora_merged = ()
         self.lora_live = ()
+        self.lora_lean = False
         self.lora_disabled = False
         self.lora_merge_on_eval = merge_on_eval
         self.lora_routes = None
@@ -171,31 +173,39 @@ class LoraLayer:
         """Recompute which adapters the forward must add (active, not merged, not disabled)."""
         live = () if self.lora_disabled else tuple(n for n in self.lora_active if n not in self.lora_merged)
         self.lora_live = live
+        self.lora_lean = self.lora_lean_kind and all(
+            self.lora_adapters[n].groups is None and not self.lora_adapters[n].use_dora for n in live)
 
     # ---- forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         base = out = self.lora_base_forward(x, *args, **kwargs)
         if self.lora_routes is not None and not self.lora_disabled:
             return self._lora_routed(x, out)
+        if self.lora_lean and out.is_contiguous():
+            for name in self.lora_live:
+                spec = self.lora_adapters[name]
+                dropout = spec.dropout if self.training else 0.0
+                out = lean.add_lora_(out, x, self.lora_A[name], self.lora_B[name], spec.scaling, dropout)
+            return out
         for name in self.lora_live:
             out = out + self.lora_term(x, name, base).to(out.dtype)
         return out
 
     def _lora_routed(self, x: Tensor, out: Tensor) -> Tensor:
-        """Each row group gets its own adapter's term; rows routed to None keep the base output."""
-        rows_wanted = self.lora_route_rows
-        if x.shape[0] == 1 and rows_wanted > 1:  # inputs shared by every row (e.g. position ids)
-            x, out = x.expand(rows_wanted, *x.shape[1:]), out.expand(rows_wanted, *out.shape[1:])
-        if x.shape[0] != rows_wanted:
-            raise LorakitError(
-                f"lk.route was given {rows_wanted} rows but {type(self).__name__} sees a batch of "
-                f"{x.shape[0]}; route one name per row of the batch (beam search multiplies rows: repeat names)"
-            )
+        """Each row gets its own adapter's term (layers/routing.py); rows routed to None keep the base output."""
+        plan = self.lora_routes
+        x, out = plan.fit_rows(x, out, type(self).__name__)
+        names = tuple(n for n in plan.distinct if n in self.lora_adapters)
+        if not names:
+            return out
+        gather = plan.strategy == "gather" or (plan.strategy == "auto" and len(names) > 1)
+        if gather and routing.can_gather(self, names):
+            return routing.gathered(self, plan, names, x, out)
         base = out
-        for name, rows in self.lora_routes:
-            if name in self.lora_adapters:
-                term = self.lora_term(x.index_select(0, rows), name, base.index_select(0, rows))
-                out = out.index_add(0, rows, term.to(out.dtype))
+        for name in names:
+            rows = plan.rows_of(name, x.device)
+            term = self.lora_term(x.index_select(0, rows), name, base.index_select(0, rows))
+            out = out.index_add(0, rows, term.to(out.dtype))
         return out
 
     def lora_term(self, x: Tensor, name: str, base: Tensor | None = None) -> Tensor:

@@ -16,6 +16,7 @@ class LinearKind(LoraLayer):
 
     fan_in_fan_out: bool = False  # weight stored as (in, out), like transformers' Conv1D
     lora_supports_dora = True
+    lora_lean_kind = True
 
     def lora_shapes(self, spec: AdapterSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
         if spec.groups is None:

@@ -59,7 +59,10 @@ def _subclass(lora_cls: type[LoraLayer], cls: type[nn.Module]) -> type[LoraLayer
     """A lorakit class for a user's subclass of a supported layer, keeping that subclass's forward."""
     if cls not in _SUBCLASSES:
         name = f"Lora_{cls.__module__.replace('.', '_')}_{cls.__qualname__.replace('.', '_')}"
-        new_cls = type(name, (lora_cls, cls), {"lora_base_class": cls, "__module__": __name__, "__qualname__": name})
+        # a forward of its own may save its output for backward, so the adapter must not update it in place
+        lean = lora_cls.lora_lean_kind and cls.forward is lora_cls.lora_base_class.forward
+        attributes = {"lora_base_class": cls, "lora_lean_kind": lean, "__module__": __name__, "__qualname__": name}
+        new_cls = type(name, (lora_cls, cls), attributes)
         globals()[name] = new_cls  # importable by name, so models with it pickle and deepcopy
         _SUBCLASSES[cls] = new_cls
     return _SUBCLASSES[cls]

@@ -1,0 +1,92 @@
+"""The lean adapter path for plain linear adapters: out += s·B·A·dropout(x), written into `out` in place.
+
+Autograd's version of this keeps the dropped input (N x in floats) alive until backward, allocates the
+(N x out) adapter term and then a second (N x out) tensor for the sum. `LoraAdd` instead adds the term
+into the base output in place (addmm with the scale folded into the rank-r intermediate), and keeps only
+what backward needs: the layer input it already shares with the base layer, the tiny (N x r)
+intermediate, and with dropout a one-byte-per-element mask instead of the dropped copy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(x: Tensor, A: Tensor) -> torch.dtype:
+    """Autocast's dtype when autocast is on (as F.linear would use), else the adapter's own dtype."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return A.dtype
+
+
+def add_lora_(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, dropout: float) -> Tensor:
+    """out += scaling·B·A·dropout(x) in place (out: (..., out_features), contiguous); returns out.
+
+    Differentiable in x, A and B (and out, whose gradient passes through); `dropout` > 0 only in training.
+    """
+    needs_grad = torch.is_grad_enabled() and (out.requires_grad or x.requires_grad or A.requires_grad
+                                              or B.requires_grad)
+    if needs_grad:
+        return LoraAdd.apply(out, x, A, B, scaling, dropout)
+    _forward(out, x, A, B, scaling, dropout, compute_dtype(x, A))
+    return out
+
+
+def _forward(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, dropout: float,
+             dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """The in-place update; returns the scaled intermediate h = s·A·xd (N x r) and the dropout mask."""
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    mask = None
+    if dropout:
+        keep = torch.empty_like(x2).bernoulli_(1 - dropout)  # the same random stream as F.dropout
+        mask = keep.bool()
+        x2 = x2 * keep.div_(1 - dropout)
+    h = torch.mm(x2, A.to(dtype).T).mul_(scaling)
+    out2 = out.view(-1, out.shape[-1])
+    if out.dtype == dtype:
+        out2.addmm_(h, B.to(dtype).T)
+    else:
+        out2.add_(torch.mm(h, B.to(dtype).T))
+    return h, mask
+
+
+class LoraAdd(torch.autograd.Function):
+    """Autograd for `add_lora_`; the dropped input is rebuilt from x and the mask in backward."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, dropout: float) -> Tensor:
+        dtype = compute_dtype(x, A)
+        h, mask = _forward(out, x, A, B, scaling, dropout, dtype)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x, A, B, h, mask)
+        ctx.scaling, ctx.dropout, ctx.dtype = scaling, dropout, dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, A, B, h, mask = ctx.saved_tensors
+        dtype, need = ctx.dtype, ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+        grad_h = torch.mm(g, B.to(dtype)).mul_(ctx.scaling)
+        grad_x = grad_A = grad_B = None
+        if need[3]:
+            grad_B = torch.mm(g.T, h).to(B.dtype)
+        if need[2]:
+            dropped = x.reshape(-1, x.shape[-1]).to(dtype)
+            if mask is not None:
+                dropped = dropped * _keep_scale(mask, ctx.dropout, dtype)
+            grad_A = torch.mm(grad_h.T, dropped).to(A.dtype)
+        if need[1]:
+            grad_x = torch.mm(grad_h, A.to(dtype))
+            if mask is not None:
+                grad_x = grad_x.mul_(_keep_scale(mask, ctx.dropout, dtype))
+            grad_x = grad_x.view(x.shape).to(x.dtype)
+        return grad if need[0] else None, grad_x, grad_A, grad_B, None, None
+
+
+def _keep_scale(mask: Tensor, dropout: float, dtype: torch.dtype) -> Tensor:
+    """The forward's dropout multiplier (0 or 1/(1-p)), rebuilt bit for bit from the mask."""
+    return mask.to(dtype).div_(1 - dropout)
