@@ -13,8 +13,10 @@ class Linear4bit(LinearKind, QuantLinear4bit):
     """The base runs on the 4-bit weight (dequantized per call); A and B are ordinary float tensors."""
 
     lora_base_class = QuantLinear4bit
-    lora_merge_blocker = ("its weight is stored in 4 bits; keep the adapter unmerged, or call "
-                          "lk.unload(model, merge=True, dequantize=True) for a 16-bit merged model")
+    lora_merge_blocker = ("its weight is stored in 4 bits; keep the adapter unmerged, or merge with "
+                          "lk.unload(model, merge=True, dequantize=True) for an exact 16-bit merged model, or with "
+                          "lk.quant.merge_into_4bit(model) to stay in 4 bits (requantizing adds error; it reports how "
+                          "much)")
 
     def lora_dense_weight(self) -> Tensor:
         return self.dequantize_weight(torch.float32)
