@@ -68,7 +68,8 @@ class RoutePlan:
     def row_weights(self, layer: LoraLayer, names: tuple[str, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Every row's A (rows, r_max, in) and scaled B (rows, out, r_max); cached while nothing trains them."""
         params = [p for n in names for p in (layer.lora_A[n], layer.lora_B[n])]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        trained = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if trained or torch.compiler.is_compiling():  # a compiled graph gathers inside itself
             return _gather(layer, names, self.slots(names, params[0].device), dtype)
         key = (names, dtype, torch.is_inference_mode_enabled(), *((p._version, p.data_ptr()) for p in params))
         cached = self._weights.get(id(layer))
