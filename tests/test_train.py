@@ -78,6 +78,21 @@ def test_training_lowers_the_loss(tiny_model, tmp_path):
     assert report.after["eval_loss"] < report.before["eval_loss"]
 
 
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"use_rslora": True}, {"init": "pissa"}],
+                         ids=["dora", "rslora", "pissa"])
+def test_variants_train_and_save(variant, tiny_model, tmp_path):
+    write_jsonl(tmp_path / "data.jsonl", ROWS["prompt_completion"])
+    report = run_job(_cfg(tiny_model, tmp_path / "data.jsonl", tmp_path / "run", **variant), progress=False)
+    assert torch.isfinite(torch.tensor(report.train.final_loss))
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    if "init" in variant:  # converted for the original base: rank 2r
+        assert saved["r"] == 16 and saved["init_lora_weights"] is True
+    else:
+        assert saved[next(iter(variant))] is True
+    if "use_dora" in variant:
+        assert any(k.endswith("lora_magnitude_vector") for k in load_file(report.adapter_dir / "adapter_model.safetensors"))
+
+
 def _trainer(tiny_model, data, out, on_step=None):
     cfg = _cfg(tiny_model, data, out, dropout=0.2, save_every=2, steps=7)
     torch.manual_seed(cfg.seed)

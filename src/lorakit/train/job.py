@@ -50,6 +50,9 @@ class JobConfig:
     r: int = 8
     alpha: float = 16
     dropout: float = 0.0
+    init: str = "kaiming"
+    use_dora: bool = False
+    use_rslora: bool = False
     target: list[str] | str | None = None
     quantize: str | None = None
     seed: int = 0
@@ -172,6 +175,7 @@ def prepare(cfg: JobConfig, device: torch.device, adapter: str | None = None) ->
         io.load(model, adapter)
     else:
         inject(model, LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target,
+                                 init=cfg.init, use_dora=cfg.use_dora, use_rslora=cfg.use_rslora,
                                  modules_to_save=[head] if head else []))
     train = data.tokenize(train_records, tokenizer, fmt, cfg.max_length, label_names=labels or None)
     evaluation = data.tokenize(eval_records, tokenizer, fmt, cfg.max_length, label_names=labels or None)
