@@ -80,6 +80,18 @@ def test_step_splitting_does_not_change_results(monkeypatch, step):
     assert torch.equal(qt.dequantize(), expected.dequantize())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_outputs_on_huge_pages_decode_the_same(dtype):
+    import lorakit.quant.pages as pages
+
+    torch.manual_seed(0)
+    w = torch.randn(1024, 4096, dtype=dtype)  # 8 MiB in float32: over pages.MIN_BYTES
+    assert w.numel() * 4 >= pages.MIN_BYTES
+    qt = quantize(w)
+    assert torch.equal(qt.dequantize(torch.float32), _reference_dequantize(qt, torch.float32))
+    assert torch.equal(qt.dequantize(), _reference_dequantize(qt, dtype))
+
+
 SPECIAL = {
     "zeros": torch.zeros(1000),
     "constant": torch.full((1000,), 0.5),

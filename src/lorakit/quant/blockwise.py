@@ -10,6 +10,7 @@ import math
 import torch
 
 from ..errors import LorakitError
+from . import pages
 from .codes import CELLS_PER_UNIT, LUT8_SIZE, NESTED_BLOCKSIZE, lut8, pair_table, rounding_tables
 from .steps import blocks_per_step, run_steps
 
@@ -78,7 +79,7 @@ def dequantize_4bit(
     """Flat tensor of `n` values: quant_map[code] * absmax[block], computed in float32, then cast to `dtype`."""
     device = packed.device
     pairs = pair_table(quant_map)
-    out = torch.empty(n, dtype=dtype, device=device)
+    out = pages.empty(n, dtype, device)
     nfull = n // blocksize
     full = nfull * blocksize
     per = blocks_per_step(nfull, blocksize, device)
