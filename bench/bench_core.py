@@ -1,24 +1,71 @@
-"""GPT-2 small (124M, random init), batch 4 x 128, AdamW, fp32, 2 threads: lorakit vs PEFT vs full vs floor.
+"""GPT-2 small (124M, random init), fp32, 2 threads: lorakit vs PEFT on the same adapters, against the
+frozen-base floor and full fine-tuning, so every overhead is read as a ratio measured in one run.
 
-Training: median step time and peak RSS for lorakit r=8 on c_attn, PEFT with the same config, full
-fine-tuning, and the frozen-base floor (forward + backward to the input embeddings only).
-Inference (batch 1 and 8, 128 tokens): base, lorakit unmerged, lorakit merged, PEFT unmerged.
-Run: python bench/bench_core.py   (each configuration in its own process)
+Training (batch 4 x 128, AdamW): the floor is forward + backward to the input embeddings with every weight
+frozen, the least any adapter method can cost. Settings, each for lorakit and PEFT: r=8 on c_attn with
+dropout 0 and 0.1, r=8 and r=64 on every linear layer but the head, and DoRA r=8 on c_attn.
+Inference (128 tokens, batch 1 and 8): base, lorakit unmerged and merged, PEFT unmerged, and unmerged DoRA
+for both libraries. Every adapter gets B ~ N(0, 0.01) so its forward does real work in both libraries.
+Run: python bench/bench_core.py [--only 'train_*dora' 'infer_*_b1'] [--repeats N]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from harness import main, table, time_median
+from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lorakit as lk
 
-SEQ, BATCH = 128, 4
-TRAIN = ["floor", "lorakit", "peft", "full"]
-INFER = [f"{kind}_b{b}" for b in (1, 8) for kind in ("base", "lorakit", "lorakit_merged", "peft")]
+if TYPE_CHECKING:
+    import peft
+
+SEQ, BATCH, VOCAB = 128, 4, 50257
+LIBRARIES = ("lorakit", "peft")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One adapter configuration, built identically in both libraries (alpha = 2r)."""
+
+    label: str
+    r: int = 8
+    targets: str | tuple[str, ...] = ("c_attn",)
+    dropout: float = 0.0
+    dora: bool = False
+
+    def lorakit(self) -> lk.LoraConfig:
+        return lk.LoraConfig(r=self.r, alpha=2 * self.r, dropout=self.dropout, use_dora=self.dora,
+                             target_modules=_targets(self.targets))
+
+    def peft(self) -> peft.LoraConfig:
+        import peft  # here, not at the top: lorakit's processes must not pay for PEFT's imports in their RSS
+
+        return peft.LoraConfig(r=self.r, lora_alpha=2 * self.r, lora_dropout=self.dropout, use_dora=self.dora,
+                               target_modules=_targets(self.targets))
+
+
+SETTINGS = {
+    "attn": Setting("r=8 c_attn"),
+    "attn_drop": Setting("r=8 c_attn, dropout 0.1", dropout=0.1),
+    "all": Setting("r=8 all linear", targets="all-linear"),
+    "all_r64": Setting("r=64 all linear", r=64, targets="all-linear"),
+    "dora": Setting("DoRA r=8 c_attn", dora=True),
+}
+INFER_KINDS = {"base": None, "lorakit": "attn", "lorakit_merged": "attn", "peft": "attn",
+               "lorakit_dora": "dora", "peft_dora": "dora"}
+TRAIN = ["train_floor", "train_full"] + [f"train_{lib}_{s}" for s in SETTINGS for lib in LIBRARIES]
+INFER = [f"infer_{kind}_b{b}" for b in (1, 8) for kind in INFER_KINDS]
+
+
+def _targets(targets: str | tuple[str, ...]) -> str | list[str]:
+    return targets if isinstance(targets, str) else list(targets)
 
 
 def _model() -> GPT2LMHeadModel:
@@ -26,83 +73,136 @@ def _model() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(GPT2Config())
 
 
-def _adapt(model: GPT2LMHeadModel, kind: str):
-    if kind.startswith("lorakit"):
-        lk.inject(model, lk.LoraConfig(r=8, alpha=16, target_modules=["c_attn"]))
-        for _, layer in model.named_modules():
-            if isinstance(layer, lk.layers.LoraLayer):
-                torch.nn.init.normal_(layer.lora_B["default"], std=0.01)
-        if kind == "lorakit_merged":
-            lk.merge(model)
-    elif kind == "peft":
+def _ids(rows: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (rows, SEQ), generator=torch.Generator().manual_seed(2))
+
+
+def _adapt(model: GPT2LMHeadModel, library: str, setting: Setting) -> nn.Module:
+    """Inject `setting` with `library`, then draw B ~ N(0, 0.01) from the same seed in both libraries."""
+    if library == "lorakit":
+        lk.inject(model, setting.lorakit())
+    else:
         import peft
 
-        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))
+        model = peft.get_peft_model(model, setting.peft())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(std=0.01)
     return model
 
 
 def run(config: str, args: argparse.Namespace) -> dict:
-    model = _model()
-    if config in TRAIN:
-        return _train(model, config, args)
-    kind, batch = config.rsplit("_b", 1)
-    model = _adapt(model, kind).eval()
-    ids = torch.randint(0, 50257, (int(batch), SEQ))
+    phase, rest = config.split("_", 1)
+    return _train(rest, args) if phase == "train" else _infer(rest, args)
 
-    def step():
+
+def _infer(config: str, args: argparse.Namespace) -> dict:
+    kind, batch = config.rsplit("_b", 1)
+    model = _model()
+    if INFER_KINDS[kind]:
+        model = _adapt(model, kind.split("_")[0], SETTINGS[INFER_KINDS[kind]])
+    if kind == "lorakit_merged":
+        lk.merge(model)
+    model.eval()
+    ids = _ids(int(batch))
+
+    def step() -> None:
         with torch.inference_mode():
             model(ids)
 
     return {"seconds": time_median(step, warmup=2, repeats=args.repeats)}
 
 
-def _train(model, config: str, args: argparse.Namespace) -> dict:
-    ids = torch.randint(0, 50257, (BATCH, SEQ))
-    model.train()
+def _train(config: str, args: argparse.Namespace) -> dict:
+    model = _model().train()
+    ids = _ids(BATCH)
     if config == "floor":
         model.requires_grad_(False)
         embed = model.transformer.wte
 
-        def step():
+        def step() -> None:
             inputs = embed(ids).detach().requires_grad_()
             model(inputs_embeds=inputs, labels=ids).loss.backward()
 
-        trainable = 0
-    else:
-        model = _adapt(model, config) if config != "full" else model
-        params = [p for p in model.parameters() if p.requires_grad]
-        trainable = sum(p.numel() for p in params)
-        opt = torch.optim.AdamW(params, lr=1e-4)
+        return {"seconds": time_median(step, warmup=2, repeats=args.repeats), "trainable": 0}
+    if config != "full":
+        library, setting = config.split("_", 1)
+        model = _adapt(model, library, SETTINGS[setting])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
 
-        def step():
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
-    return {"seconds": time_median(step, warmup=2, repeats=args.repeats), "trainable": trainable}
+    return {"seconds": time_median(step, warmup=2, repeats=args.repeats),
+            "trainable": sum(p.numel() for p in params)}
+
+
+def _ratio(results: dict[str, dict], numerator: str, denominator: str) -> str:
+    if numerator in results and denominator in results:
+        return f"{results[numerator]['seconds'] / results[denominator]['seconds']:.3f}"
+    return "-"
+
+
+def _twins(name: str) -> tuple[str | None, str | None]:
+    """The same run in PEFT (for an unmerged lorakit run) and the same library's LoRA run (for a DoRA run)."""
+    peft = name.replace("_lorakit_", "_peft_") if "_lorakit_" in name and "merged" not in name else None
+    lora = None
+    if name.endswith("_dora"):
+        lora = name.removesuffix("_dora") + "_attn"
+    elif "_dora_b" in name:
+        lora = name.replace("_dora_b", "_b")
+    return peft, lora
+
+
+def _comparisons(results: dict[str, dict], name: str, baseline: str) -> list[str]:
+    """x baseline, lorakit / PEFT, DoRA / LoRA, peak RSS: the columns both tables share."""
+    peft, lora = _twins(name)
+    return [_ratio(results, name, baseline), _ratio(results, name, peft) if peft else "",
+            _ratio(results, name, lora) if lora else "",
+            f"{results[name]['peak_rss_mb']:,.0f}"]
+
+
+def _report_training(results: dict[str, dict]) -> None:
+    rows = []
+    for name in (n for n in TRAIN if n in results):
+        setting = SETTINGS.get(name.split("_", 2)[-1])
+        rows.append([name.removeprefix("train_"), setting.label if setting else "",
+                     f"{results[name]['trainable']:,}", f"{results[name]['seconds'] * 1000:.0f}",
+                     *_comparisons(results, name, "train_floor")])
+    if rows:
+        print("\nTraining step (GPT-2 small, 4 x 128, AdamW, fp32)")
+        table(rows, ["config", "setting", "trainable", "step ms", "x floor", "lorakit / PEFT", "DoRA / LoRA",
+                     "peak RSS MB"])
+
+
+def _report_inference(results: dict[str, dict]) -> None:
+    rows = []
+    for name in (n for n in INFER if n in results):
+        kind, batch = name.removeprefix("infer_").rsplit("_b", 1)
+        rows.append([kind, batch, f"{results[name]['seconds'] * 1000:.1f}",
+                     *_comparisons(results, name, f"infer_base_b{batch}")])
+    if rows:
+        print("\nInference forward (128 tokens; lorakit, PEFT and DoRA rows unmerged)")
+        table(rows, ["config", "batch", "ms", "x base", "lorakit / PEFT", "DoRA / LoRA", "peak RSS MB"])
+
+
+def _mismatched(results: dict[str, dict]) -> list[str]:
+    """Settings where the two libraries train different parameter counts, i.e. adapt different layers."""
+    pairs = [(results.get(f"train_lorakit_{s}"), results.get(f"train_peft_{s}"), s) for s in SETTINGS]
+    return [s for ours, theirs, s in pairs if ours and theirs and ours["trainable"] != theirs["trainable"]]
 
 
 def report(results: dict[str, dict]) -> None:
-    floor = results.get("floor", {}).get("seconds")
-    rows = []
-    for name in TRAIN:
-        if name in results:
-            r = results[name]
-            rows.append([name, f"{r['trainable']:,}", f"{r['seconds'] * 1000:.0f}",
-                         f"{r['seconds'] / floor:.3f}" if floor else "-", f"{r['peak_rss_mb']:,.0f}"])
-    print("\nTraining step (GPT-2 small, 4 x 128, AdamW, fp32)")
-    table(rows, ["config", "trainable", "step ms", "x floor", "peak RSS MB"])
-    if "lorakit" in results and "peft" in results:
-        print(f"lorakit / PEFT step: {results['lorakit']['seconds'] / results['peft']['seconds']:.3f}")
-    rows = []
-    for batch in (1, 8):
-        base = results.get(f"base_b{batch}", {}).get("seconds")
-        for kind in ("base", "lorakit", "lorakit_merged", "peft"):
-            r = results.get(f"{kind}_b{batch}")
-            if r:
-                rows.append([kind, batch, f"{r['seconds'] * 1000:.1f}", f"{r['seconds'] / base:.3f}" if base else "-"])
-    print("\nInference forward (128 tokens)")
-    table(rows, ["config", "batch", "ms", "x base"])
+    _report_training(results)
+    _report_inference(results)
+    mismatched = _mismatched(results)
+    if mismatched:
+        sys.exit(f"lorakit and PEFT train different parameter counts in {mismatched}: they adapt different layers")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,21 +1,25 @@
 """Shared benchmark plumbing: each configuration runs in its own process so peak RSS is its own.
 
-A benchmark script calls `main(CONFIGS, run_config)`: with no arguments it spawns itself once per
+A benchmark script calls `main(CONFIGS, run_config, report)`: with no arguments it spawns itself once per
 configuration (`--config NAME`), collects one JSON line from each, and prints a table plus ratios.
+`--only` takes names or shell patterns (`--only 'train_*' infer_base_b1`) so related configurations can be
+rerun together; the header records the load average, since other jobs on a shared machine skew timings.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
+import os
 import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import date
-from typing import Callable
 
 import torch
 
@@ -40,11 +44,21 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+def select(configs: list[str], patterns: list[str] | None) -> list[str]:
+    """The configurations named by `patterns` (exact names or fnmatch patterns), in `configs` order."""
+    if not patterns:
+        return configs
+    unmatched = [p for p in patterns if not fnmatch.filter(configs, p)]
+    if unmatched:
+        sys.exit(f"--only {unmatched} matched no configuration; choose from: {' '.join(configs)}")
+    return [c for c in configs if any(fnmatch.fnmatchcase(c, p) for p in patterns)]
+
+
 def main(configs: list[str], run_config: Callable[[str, argparse.Namespace], dict],
          report: Callable[[dict[str, dict]], None], add_arguments: Callable | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", choices=configs)
-    parser.add_argument("--only", nargs="*", default=None, help="run just these configurations")
+    parser.add_argument("--only", nargs="*", default=None, help="run just these configurations (names or patterns)")
     if add_arguments:
         add_arguments(parser)
     args, passthrough = parser.parse_known_args()
@@ -53,14 +67,18 @@ def main(configs: list[str], run_config: Callable[[str, argparse.Namespace], dic
         print(json.dumps(run_config(args.config, args) | {"peak_rss_mb": peak_rss_mb()}))
         return
     results = {}
-    for name in args.only or configs:
+    load_before, started = os.getloadavg()[0], time.perf_counter()
+    for name in select(configs, args.only):
+        start = time.perf_counter()
         proc = subprocess.run([sys.executable, sys.argv[0], "--config", name, *passthrough],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, check=False)
         if proc.returncode:
             sys.exit(f"configuration {name} failed:\n{proc.stderr[-3000:]}")
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  {name}: {results[name]}", file=sys.stderr, flush=True)
-    print(f"# {sys.argv[0]} on {date.today()} ({machine()})")
+        print(f"  {name} ({time.perf_counter() - start:.0f} s, load {os.getloadavg()[0]:.1f}): {results[name]}",
+              file=sys.stderr, flush=True)
+    print(f"# {sys.argv[0]} on {date.today()} ({machine()}); {time.perf_counter() - started:.0f} s wall, "
+          f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     report(results)
 
 
