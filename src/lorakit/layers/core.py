@@ -198,8 +198,7 @@ class LoraLayer:
         names = tuple(n for n in plan.distinct if n in self.lora_adapters)
         if not names:
             return out
-        gather = plan.strategy == "gather" or (plan.strategy == "auto" and len(names) > 1)
-        if gather and routing.can_gather(self, names):
+        if plan.wants_gather(self, names) and routing.can_gather(self, names):
             return routing.gathered(self, plan, names, x, out)
         base = out
         for name in names:

@@ -7,7 +7,8 @@ Two ways to compute the rows' terms, both exact:
   ranks padded with zeros, base rows all zeros) and two batched matmuls for the whole batch. The cost no
   longer grows with the number of adapters; the gathered stacks are cached for the whole `lk.route`
   block while the weights stay unchanged (e.g. every step of `generate`). Plain linear adapters only.
-"auto" gathers when a layer sees two or more adapters in the batch and the layer can gather.
+"auto" gathers when a layer sees two or more adapters, can gather, and either most rows have an adapter of
+their own or the layer already ran once in this block (so the gathered stacks are reused).
 """
 
 from __future__ import annotations
@@ -38,20 +39,13 @@ class RoutePlan:
         self.strategy = strategy
         self.distinct = tuple(dict.fromkeys(n for n in self.names if n is not None))
         self._indices: dict[tuple, Tensor] = {}
-        self._weights: dict[int, tuple[tuple, Tensor, Tensor]] = {}  # id(layer) -> (key, A rows, B rows)
+        self._weights: dict[int, tuple] = {}  # id(layer) -> (key, A rows, B rows, scaling)
+        self._seen: set[int] = set()  # layers that already ran once in this block
 
     def rows_of(self, name: str, device: torch.device) -> Tensor:
         key = (name, device)
         if key not in self._indices:
             self._indices[key] = torch.tensor([i for i, n in enumerate(self.names) if n == name], device=device)
-        return self._indices[key]
-
-    def slots(self, names: tuple[str, ...], device: torch.device) -> Tensor:
-        """Per row: 0 for the base, i + 1 for names[i]."""
-        key = (names, device)
-        if key not in self._indices:
-            slot = {name: i + 1 for i, name in enumerate(names)}
-            self._indices[key] = torch.tensor([slot.get(n, 0) for n in self.names], device=device)
         return self._indices[key]
 
     def fit_rows(self, x: Tensor, out: Tensor, layer_name: str) -> tuple[Tensor, Tensor]:
@@ -65,28 +59,45 @@ class RoutePlan:
             )
         return x, out
 
-    def row_weights(self, layer: LoraLayer, names: tuple[str, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Every row's A (rows, r_max, in) and scaled B (rows, out, r_max); cached while nothing trains them."""
+    def wants_gather(self, layer: LoraLayer, names: tuple[str, ...]) -> bool:
+        """"auto": gather when the batch mixes adapters and either most rows have an adapter of their own or
+        this layer already ran once in the block (its gathered weights are then reused, e.g. by generate)."""
+        if self.strategy != "auto":
+            return self.strategy == "gather"
+        reused = id(layer) in self._seen and not torch.is_grad_enabled()
+        self._seen.add(id(layer))
+        return len(names) > 1 and (self.rows <= 2 * len(names) or reused)
+
+    def row_weights(self, layer: LoraLayer, names: tuple[str, ...], dtype: torch.dtype
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Every row's A (rows, r_max, in), B (rows, out, r_max) and scaling (rows, 1, 1); cached while
+        nothing trains them."""
         params = [p for n in names for p in (layer.lora_A[n], layer.lora_B[n])]
         trained = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         if trained or torch.compiler.is_compiling():  # a compiled graph gathers inside itself
-            return _gather(layer, names, self.slots(names, params[0].device), dtype)
+            return _gather(layer, self.names, names, dtype)
         key = (names, dtype, torch.is_inference_mode_enabled(), *((p._version, p.data_ptr()) for p in params))
         cached = self._weights.get(id(layer))
         if cached is None or cached[0] != key:
-            cached = (key, *_gather(layer, names, self.slots(names, params[0].device), dtype))
+            cached = (key, *_gather(layer, self.names, names, dtype))
             self._weights[id(layer)] = cached
-        return cached[1], cached[2]
+        return cached[1:]
 
 
-def _gather(layer: LoraLayer, names: tuple[str, ...], slots: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    specs = [layer.lora_adapters[n] for n in names]
-    r_max = max(spec.r for spec in specs)
-    A_pad = [F.pad(layer.lora_A[n].to(dtype), (0, 0, 0, r_max - s.r)) for n, s in zip(names, specs)]
-    B_pad = [F.pad(layer.lora_B[n].to(dtype) * s.scaling, (0, r_max - s.r)) for n, s in zip(names, specs)]
-    A_stack = torch.stack([torch.zeros_like(A_pad[0]), *A_pad])
-    B_stack = torch.stack([torch.zeros_like(B_pad[0]), *B_pad])
-    return A_stack.index_select(0, slots), B_stack.index_select(0, slots)
+def _gather(layer: LoraLayer, row_names: tuple[str | None, ...], names: tuple[str, ...], dtype: torch.dtype
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    """One copy per row of its adapter's A and B (zeros for base rows), ranks padded to the largest."""
+    specs = {n: layer.lora_adapters[n] for n in names}
+    r_max = max(spec.r for spec in specs.values())
+    A = {n: F.pad(layer.lora_A[n].to(dtype), (0, 0, 0, r_max - s.r)) for n, s in specs.items()}
+    B = {n: F.pad(layer.lora_B[n].to(dtype), (0, r_max - s.r)) for n, s in specs.items()}
+    first = names[0]
+    A_zero, B_zero = A[first].new_zeros(A[first].shape), B[first].new_zeros(B[first].shape)
+    rows = [n if n in specs else None for n in row_names]
+    A_rows = torch.stack([A[n] if n else A_zero for n in rows])
+    B_rows = torch.stack([B[n] if n else B_zero for n in rows])
+    scaling = torch.tensor([specs[n].scaling if n else 0.0 for n in rows], dtype=dtype, device=A_rows.device)
+    return A_rows, B_rows, scaling.view(-1, 1, 1)
 
 
 def can_gather(layer: LoraLayer, names: tuple[str, ...]) -> bool:
@@ -100,9 +111,9 @@ def can_gather(layer: LoraLayer, names: tuple[str, ...]) -> bool:
 def gathered(layer: LoraLayer, plan: RoutePlan, names: tuple[str, ...], x: Tensor, out: Tensor) -> Tensor:
     """out + every row's own term, from two batched matmuls over the whole batch."""
     dtype = lean.compute_dtype(x, layer.lora_A[names[0]])
-    A_rows, B_rows = plan.row_weights(layer, names, dtype)
+    A_rows, B_rows, scaling = plan.row_weights(layer, names, dtype)
     rows, features = plan.rows, out.shape[-1]
-    h = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(dtype), A_rows.transpose(1, 2))
+    h = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(dtype), A_rows.transpose(1, 2)) * scaling
     out3 = out.reshape(rows, -1, features)
     if torch.is_grad_enabled() and (out.requires_grad or h.requires_grad):
         if out.dtype == dtype:
