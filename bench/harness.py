@@ -59,6 +59,8 @@ def main(configs: list[str], run_config: Callable[[str, argparse.Namespace], dic
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", choices=configs)
     parser.add_argument("--only", nargs="*", default=None, help="run just these configurations (names or patterns)")
+    parser.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, interleaved, "
+                        "and report the median of the per-process times")
     if add_arguments:
         add_arguments(parser)
     args, passthrough = parser.parse_known_args()
@@ -66,20 +68,34 @@ def main(configs: list[str], run_config: Callable[[str, argparse.Namespace], dic
     if args.config:
         print(json.dumps(run_config(args.config, args) | {"peak_rss_mb": peak_rss_mb()}))
         return
-    results = {}
+    names = select(configs, args.only)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
     load_before, started = os.getloadavg()[0], time.perf_counter()
-    for name in select(configs, args.only):
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, sys.argv[0], "--config", name, *passthrough],
-                              capture_output=True, text=True, check=False)
-        if proc.returncode:
-            sys.exit(f"configuration {name} failed:\n{proc.stderr[-3000:]}")
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  {name} ({time.perf_counter() - start:.0f} s, load {os.getloadavg()[0]:.1f}): {results[name]}",
-              file=sys.stderr, flush=True)
+    for round_ in range(args.rounds):  # interleaved rounds: a drift in machine speed hits every config alike
+        for name in names:
+            runs[name].append(_run_one(name, passthrough))
+            print(f"  [{round_ + 1}/{args.rounds}] {name} (load {os.getloadavg()[0]:.1f}): {runs[name][-1]}",
+                  file=sys.stderr, flush=True)
+    results = {name: _median_run(found) for name, found in runs.items()}
     print(f"# {sys.argv[0]} on {date.today()} ({machine()}); {time.perf_counter() - started:.0f} s wall, "
           f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     report(results)
+
+
+def _run_one(name: str, passthrough: list[str]) -> dict:
+    """One configuration in a fresh process; its last stdout line is its JSON result."""
+    proc = subprocess.run([sys.executable, sys.argv[0], "--config", name, *passthrough],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode:
+        sys.exit(f"configuration {name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run whose time is the median over rounds (its other fields stay consistent with it)."""
+    if "seconds" not in runs[0]:
+        return runs[0]
+    return sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2] | {"rounds": len(runs)}
 
 
 def table(rows: list[list[str]], header: list[str]) -> None:
