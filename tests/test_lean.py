@@ -107,3 +107,17 @@ def test_subclass_with_its_own_forward_is_not_updated_in_place():
     assert not model[0].lora_lean
     model(torch.randn(3, 8)).sum().backward()  # no "modified by an inplace operation" error
     assert model[0].lora_A["default"].grad is not None
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dora_gradcheck_float64(with_bias):
+    base, x, A, B = _inputs()
+    g = torch.Generator().manual_seed(5)
+    magnitude = (torch.rand(6, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    norm = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
+
+    def fn(base, x, A, B, magnitude, *bias):
+        return lean.LoraDoraAdd.apply(base.clone(), x, A, B, 0.7, magnitude, norm, *(bias or (None,)))
+
+    assert torch.autograd.gradcheck(fn, (base, x, A, B, magnitude, *([bias] if with_bias else [])))

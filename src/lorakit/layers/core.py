@@ -173,19 +173,28 @@ class LoraLayer:
         """Recompute which adapters the forward must add (active, not merged, not disabled)."""
         live = () if self.lora_disabled else tuple(n for n in self.lora_active if n not in self.lora_merged)
         self.lora_live = live
-        self.lora_lean = self.lora_lean_kind and all(
-            self.lora_adapters[n].groups is None and not self.lora_adapters[n].use_dora for n in live)
+        specs = [self.lora_adapters[n] for n in live]
+        plain = all(s.groups is None and not s.use_dora for s in specs)
+        lone_dora = len(specs) == 1 and specs[0].use_dora  # DoRA rescales the base output: no other term in it
+        self.lora_lean = self.lora_lean_kind and (plain or lone_dora)
 
     # ---- forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         base = out = self.lora_base_forward(x, *args, **kwargs)
         if self.lora_routes is not None and not self.lora_disabled:
             return self._lora_routed(x, out)
-        if self.lora_lean and out.is_contiguous():
+        if self.lora_lean and out.is_contiguous() and x.is_floating_point():
             for name in self.lora_live:
-                spec = self.lora_adapters[name]
+                spec, A, B = self.lora_adapters[name], self.lora_A[name], self.lora_B[name]
                 dropout = spec.dropout if self.training else 0.0
-                out = lean.add_lora_(out, x, self.lora_A[name], self.lora_B[name], spec.scaling, dropout)
+                if not spec.use_dora:
+                    out = lean.add_lora_(out, x, A, B, spec.scaling, dropout)
+                elif not dropout and out.dtype == lean.compute_dtype(x, A):
+                    norm = self._lora_weight_norm(name)
+                    out = lean.add_dora_(out, x, A, B, spec.scaling, self.lora_magnitude[name], norm,
+                                         getattr(self, "bias", None))
+                else:  # DoRA with dropout rescales W·dropout(x), which only the general path computes
+                    out = out + self.lora_term(x, name, base).to(out.dtype)
             return out
         for name in self.lora_live:
             out = out + self.lora_term(x, name, base).to(out.dtype)

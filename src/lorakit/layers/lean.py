@@ -90,3 +90,59 @@ class LoraAdd(torch.autograd.Function):
 def _keep_scale(mask: Tensor, dropout: float, dtype: torch.dtype) -> Tensor:
     """The forward's dropout multiplier (0 or 1/(1-p)), rebuilt bit for bit from the mask."""
     return mask.to(dtype).div_(1 - dropout)
+
+
+def add_dora_(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, magnitude: Tensor, norm: Tensor,
+              bias: Tensor | None) -> Tensor:
+    """DoRA without dropout, in place: out = g·(W·x + s·B·A·x) + b with g = m / ||W + s·B·A|| (norm detached).
+
+    `out` is the base output W·x + b, contiguous, in the compute dtype. Saves one (N x out) tensor for
+    the magnitude's gradient, where autograd's composition keeps two and makes five passes more.
+    """
+    return LoraDoraAdd.apply(out, x, A, B, scaling, magnitude, norm.detach(), bias)
+
+
+class LoraDoraAdd(torch.autograd.Function):
+    """Autograd for `add_dora_`: y = g·z + (1 - g)·b with z = base + s·B·A·x (bias included)."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, magnitude: Tensor,
+                norm: Tensor, bias: Tensor | None) -> Tensor:
+        dtype = out.dtype
+        h, _ = _forward(out, x, A, B, scaling, 0.0, dtype)
+        wide = torch.promote_types(dtype, torch.float32)  # the ratio in at least float32
+        g = (magnitude.to(wide) / norm.to(wide)).to(dtype)
+        z = out.clone() if ctx.needs_input_grad[5] else None  # the magnitude's gradient reads z
+        out.mul_(g)
+        if bias is not None:
+            out.add_((1 - g) * bias.to(dtype))
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x, A, B, h, g, norm, z, bias)
+        ctx.scaling, ctx.magnitude_dtype = scaling, magnitude.dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, A, B, h, g, norm, z, bias = ctx.saved_tensors
+        need, dtype = ctx.needs_input_grad, h.dtype
+        g2 = grad.reshape(-1, grad.shape[-1]).to(dtype)
+        grad_z = g2 * g  # the base output and the LoRA term are both scaled by g
+        grad_h = torch.mm(grad_z, B.to(dtype))
+        grad_x = grad_A = grad_B = grad_m = grad_bias = None
+        if need[3]:
+            grad_B = torch.mm(grad_z.T, h).to(B.dtype)
+        if need[2]:
+            grad_A = torch.mm(grad_h.T, x.reshape(-1, x.shape[-1]).to(dtype)).mul_(ctx.scaling).to(A.dtype)
+        if need[1]:
+            grad_x = torch.mm(grad_h, A.to(dtype)).mul_(ctx.scaling).view(x.shape).to(x.dtype)
+        if need[5]:  # dy/dm = (z - b) / ||W + ΔW||
+            weighted = (g2 * z.reshape(g2.shape)).sum(0)
+            if bias is not None:
+                weighted -= g2.sum(0) * bias.to(dtype)
+            wide = torch.promote_types(dtype, torch.float32)
+            grad_m = (weighted.to(wide) / norm.to(wide)).to(ctx.magnitude_dtype)
+        if bias is not None and need[7]:
+            grad_bias = ((1 - g) * g2.sum(0)).to(bias.dtype)
+        grad_out = grad_z.view(grad.shape).to(grad.dtype) if need[0] else None
+        return grad_out, grad_x, grad_A, grad_B, None, grad_m, None, grad_bias
