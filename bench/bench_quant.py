@@ -4,8 +4,9 @@ Times quantize and dequantize of a 4096x4096 weight (float32 and bfloat16) and a
 (4096 -> 4096, bfloat16 compute, input 8 x 128 x 4096): inference forward (eval, no_grad), training
 forward (input requires grad) and forward + backward. Each row alternates the two libraries call by call
 so both see the same machine load; it prints median milliseconds after warm-up and the ratio
-lorakit / bitsandbytes (below 1: lorakit is faster), plus whether the results agree.
-Run: python bench/bench_quant.py   (about 1-2 minutes)
+lorakit / bitsandbytes (below 1: lorakit is faster), plus whether the results agree. lorakit puts large
+dequantized outputs on transparent huge pages; --no-huge-pages shows the decode without that.
+Run: python bench/bench_quant.py [--no-huge-pages]   (about 1-2 minutes)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from datetime import date
 
@@ -22,7 +24,7 @@ import torch
 from harness import machine, table
 from torch import nn
 
-from lorakit.quant import Linear4bit, quantize
+from lorakit.quant import Linear4bit, pages, quantize
 
 
 def _paired_medians(ours, theirs, warmup: int, repeats: int) -> tuple[float, float]:
@@ -115,6 +117,15 @@ def linear_rows(args) -> list[list[str]]:
     return rows
 
 
+def _huge_pages() -> str:
+    """The kernel's transparent huge page mode: lorakit's dequantize asks for them (quant/pages.py)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096, help="weight is size x size")
@@ -123,12 +134,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="leave lorakit's dequantized outputs on ordinary pages, as bitsandbytes' are")
     args = parser.parse_args()
+    if args.no_huge_pages:
+        pages.MIN_BYTES = sys.maxsize
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
     rows = tensor_rows(args) + linear_rows(args)
     print(f"# bench/bench_quant.py on {date.today()} ({machine()}, bitsandbytes {bnb.__version__}; "
-          f"load average {load:.2f} -> {os.getloadavg()[0]:.2f})")
+          f"load average {load:.2f} -> {os.getloadavg()[0]:.2f}; transparent huge pages: {_huge_pages()}"
+          f"{', not used' if args.no_huge_pages else ''})")
     print(f"# NF4, blocksize 64, double quantization; weight {args.size}x{args.size}; linear input "
           f"{args.batch}x{args.seq}x{args.size} bf16; median of {args.repeats} after {args.warmup} warm-up calls")
     table([[op, f"{a:.1f}", f"{b:.1f}", f"{a / b:.2f}", same] for op, a, b, same in rows],

@@ -6,6 +6,8 @@ Rounding follows bitsandbytes' CPU path exactly; see steps.py for how the work i
 from __future__ import annotations
 
 import math
+import threading
+from dataclasses import dataclass
 
 import torch
 
@@ -13,6 +15,8 @@ from ..errors import LorakitError
 from . import pages
 from .codes import CELLS_PER_UNIT, LUT8_SIZE, NESTED_BLOCKSIZE, lut8, pair_table, rounding_tables
 from .steps import blocks_per_step, run_steps
+
+DECODE_STEP_BYTES = 1 << 18  # packed bytes per dequantize step on CPU: 2 MiB of float32 values
 
 
 def _check_finite(block_max: torch.Tensor, first_block: int, blocksize: int) -> None:
@@ -77,33 +81,70 @@ def dequantize_4bit(
     packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor, blocksize: int, n: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """Flat tensor of `n` values: quant_map[code] * absmax[block], computed in float32, then cast to `dtype`."""
-    device = packed.device
     pairs = pair_table(quant_map)
-    out = pages.empty(n, dtype, device)
+    out = pages.empty(n, dtype, packed.device)
     nfull = n // blocksize
     full = nfull * blocksize
-    per = blocks_per_step(nfull, blocksize, device)
-    steps = list(zip(
-        packed[: full // 2].split(per * blocksize // 2),
-        out[:full].view(nfull, blocksize).split(per),
-        absmax[:nfull, None].split(per),
-    )) if nfull else []
-
-    def step(i: int) -> None:
-        codes, target, scale = steps[i]
-        values = target if dtype == torch.float32 else torch.empty(target.shape, dtype=torch.float32, device=device)
-        # one 8-byte gather decodes both codes of a byte; int64 keeps the float bits untouched
-        torch.index_select(pairs, 0, codes.to(torch.int32), out=values.view(-1).view(torch.int64))
-        values.mul_(scale)
-        if values is not target:
-            target.copy_(values)
-
-    run_steps(step, len(steps), device)
+    if nfull:
+        _decode_blocks(packed[: full // 2].view(nfull, blocksize // 2), absmax[:nfull, None], pairs,
+                       out[:full].view(nfull, blocksize))
     if full < n:
         index = packed[full // 2 :].to(torch.int32)
         values = torch.index_select(pairs, 0, index).view(torch.float32)[: n - full]
         out[full:] = values * absmax[nfull]
     return out
+
+
+@dataclass(frozen=True)
+class _DecodeBuffers:
+    """One thread's buffers for a decode step, split once into pieces that elementwise ops run serially on."""
+
+    index: torch.Tensor  # int32 codes of the step's bytes
+    index_pieces: tuple[torch.Tensor, ...]
+    values: torch.Tensor | None  # float32 products before the cast to a narrower output (None: float32 out)
+    value_pieces: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def new(cls, rows: int, half: int, piece: int, dtype: torch.dtype, device: torch.device) -> _DecodeBuffers:
+        index = torch.empty(rows, half, dtype=torch.int32, device=device)
+        values = None if dtype == torch.float32 else torch.empty(rows, 2 * half, dtype=torch.float32, device=device)
+        return cls(index, index.split(2 * piece), values, () if values is None else values.split(piece))
+
+
+def _decode_blocks(codes: torch.Tensor, scale: torch.Tensor, pairs: torch.Tensor, out: torch.Tensor) -> None:
+    """out[b] = decoded codes[b] * scale[b] for every block row b, in steps of about DECODE_STEP_BYTES codes.
+
+    Decoding is cheap per element, so a step must not be many small ops: on CPU each op hands the GIL
+    over, and that cost more than the work. A step is one gather (index_select, serial at any size) and
+    torch._foreach_* calls that run the elementwise work in C++ over pieces below ATen's grain size (so
+    it stays serial too), into buffers each thread reuses: a few GIL-free calls per step.
+    """
+    nblocks, half = codes.shape
+    device = codes.device
+    piece = blocks_per_step(nblocks, 2 * half, device)  # blocks per serial elementwise op on the values
+    per = piece * max(1, DECODE_STEP_BYTES // (piece * half)) if device.type == "cpu" else nblocks
+    reused = threading.local()
+
+    def buffers(rows: int) -> _DecodeBuffers:
+        if rows < per:  # the last, shorter step
+            return _DecodeBuffers.new(rows, half, piece, out.dtype, device)
+        if not hasattr(reused, "buffers"):
+            reused.buffers = _DecodeBuffers.new(per, half, piece, out.dtype, device)
+        return reused.buffers
+
+    def step(i: int) -> None:
+        rows = slice(i * per, (i + 1) * per)
+        step_codes, target = codes[rows], out[rows]
+        buf = buffers(step_codes.shape[0])
+        torch._foreach_copy_(buf.index_pieces, step_codes.split(2 * piece))  # uint8 -> int32 indices
+        values, pieces = (target, target.split(piece)) if buf.values is None else (buf.values, buf.value_pieces)
+        # one 8-byte gather decodes both codes of a byte; int64 keeps the float bits untouched
+        torch.index_select(pairs, 0, buf.index.view(-1), out=values.view(torch.int64).view(-1))
+        torch._foreach_mul_(pieces, scale[rows].split(piece))
+        if buf.values is not None:
+            torch._foreach_copy_(target.split(piece), pieces)
+
+    run_steps(step, -(-nblocks // per), device, min_steps_per_thread=1)  # a step is long: worth a thread
 
 
 def quantize_8bit(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

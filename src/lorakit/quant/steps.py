@@ -43,11 +43,14 @@ def blocks_per_step(nblocks: int, blocksize: int, device: torch.device) -> int:
     return max(1, CPU_STEP // blocksize) if device.type == "cpu" else max(1, nblocks)
 
 
-def run_steps(task: Callable[[int], None], nsteps: int, device: torch.device) -> None:
-    """Call task(i) for i in range(nsteps); on CPU, many steps are shared out over torch.get_num_threads() threads."""
+def run_steps(task: Callable[[int], None], nsteps: int, device: torch.device,
+              min_steps_per_thread: int | None = None) -> None:
+    """Call task(i) for i in range(nsteps); on CPU, many steps are shared out over torch.get_num_threads() threads,
+    each taking at least `min_steps_per_thread` (default MIN_STEPS_PER_THREAD; fewer for long steps)."""
     workers = 1
     if device.type == "cpu":
-        workers = max(1, min(torch.get_num_threads(), MAX_THREADS, nsteps // MIN_STEPS_PER_THREAD))
+        least = min_steps_per_thread or MIN_STEPS_PER_THREAD
+        workers = max(1, min(torch.get_num_threads(), MAX_THREADS, nsteps // least))
     bounds = [nsteps * w // workers for w in range(workers + 1)]
 
     def run_part(w: int) -> None:
