@@ -54,9 +54,9 @@ def test_eval_no_grad_forward_between_steps_leaves_gradients_identical(name):
 # ---------------------------------------------------------------- merging back into 4 bits
 
 MERGE_CASES = {
-    "llama": (_llama, dict(target_modules="all-linear")),
-    "llama_dora": (_llama, dict(target_modules="all-linear", use_dora=True)),
-    "gpt2": (_gpt2, dict(target_modules=["c_attn", "c_proj", "c_fc", "wpe"])),  # wpe: a dense layer, merged too
+    "llama": (_llama, {"target_modules": "all-linear"}),
+    "llama_dora": (_llama, {"target_modules": "all-linear", "use_dora": True}),
+    "gpt2": (_gpt2, {"target_modules": ["c_attn", "c_proj", "c_fc", "wpe"]}),  # wpe: a dense layer, merged too
 }
 
 
@@ -128,7 +128,7 @@ def test_merge_into_4bit_reports_the_error_it_adds(name):
 
 def test_merge_into_4bit_leaves_a_plain_4bit_model_that_bitsandbytes_loads():
     bnb = pytest.importorskip("bitsandbytes")
-    quant = dict(quant_type="fp4", blocksize=32, double_quant=False)  # kept as they were, not reset to defaults
+    quant = {"quant_type": "fp4", "blocksize": 32, "double_quant": False}  # kept as they were, not reset to defaults
     model = _merge_case("gpt2", **quant)
     merge_into_4bit(model)
     assert not any(isinstance(m, LoraLayer) for m in model.modules()) and not hasattr(model, "lorakit_state")

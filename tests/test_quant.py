@@ -67,8 +67,7 @@ def test_bytes_and_values_equal_bitsandbytes(quant_type, blocksize, shape, dtype
 
 @pytest.mark.parametrize("step", [64, 1 << 30], ids=["many_steps", "one_step_like_gpu"])
 def test_step_splitting_does_not_change_results(monkeypatch, step):
-    import lorakit.quant.blockwise as blockwise
-    import lorakit.quant.steps as steps
+    from lorakit.quant import blockwise, steps
 
     torch.manual_seed(0)
     w = torch.randn(300, 256).bfloat16()
@@ -85,7 +84,7 @@ def test_step_splitting_does_not_change_results(monkeypatch, step):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_large_outputs_on_huge_pages_decode_the_same(dtype):
-    import lorakit.quant.pages as pages
+    from lorakit.quant import pages
 
     torch.manual_seed(0)
     w = torch.randn(1024, 4096, dtype=dtype)  # 8 MiB in float32: over pages.MIN_BYTES
