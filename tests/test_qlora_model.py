@@ -175,3 +175,19 @@ def test_merge_into_4bit_refuses_bad_input_and_changes_nothing():
     dense = lk.inject(_llama(), lk.LoraConfig(r=2, target_modules="all-linear"))
     with pytest.raises(lk.LorakitError, match="no 4-bit layers"):
         merge_into_4bit(dense)
+
+
+def test_dequantized_unload_merges_dora_exactly():
+    torch.manual_seed(0)
+    cfg = lk.LoraConfig(r=4, alpha=8, target_modules="all-linear", use_dora=True)
+    model = lk.inject(quantize_model(_llama(), "nf4", compute_dtype=torch.float32), cfg)
+    randomize_adapters(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude" in name:
+                param.mul_(1.2)  # a magnitude that differs from ||W + ΔW||, so DoRA's rescaling matters
+        ids = _ids(2)
+        expected = model(input_ids=ids).logits
+        merged = lk.unload(model, merge=True, dequantize=True)
+        assert not any(isinstance(m, (LoraLayer, Linear4bit)) for m in merged.modules())
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)

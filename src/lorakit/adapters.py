@@ -103,9 +103,10 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 def route(model: nn.Module, names_per_row: Sequence[str | None], strategy: str = "auto") -> Iterator[nn.Module]:
     """Per-row adapters in one batch: row i uses adapter names_per_row[i] (None = the base model).
 
-    The routing holds for every forward inside the block (all steps of `generate`). `strategy`: "gather"
-    (batched matmuls over every row's padded A and B), "group" (one pass per adapter) or "auto" (gather
-    when a layer sees two or more adapters); see lorakit/layers/routing.py.
+    The routing holds for every forward inside the block (all steps of `generate`): keep one block around
+    a whole generation, so gathered weights are reused. `strategy`: "gather" (batched matmuls over every
+    row's padded A and B), "group" (one pass per adapter) or "auto" (group on the first call, then gather
+    where most rows have their own adapter); see lorakit/layers/routing.py.
     """
     state = get_state(model)
     if isinstance(names_per_row, str) or not len(names_per_row):
@@ -161,7 +162,7 @@ def unload(model: nn.Module, merge: bool = True, dequantize: bool = False) -> nn
     for name, layer in lora_layers(model):
         if name in quantized and dequantize:
             live = [n for n in state.active if n in layer.lora_adapters] if merge else []
-            deltas[name] = sum((layer.lora_delta(n) for n in live), torch.zeros(()))
+            deltas[name] = layer.lora_merged_update(live, layer.lora_dense_weight())[0]
         elif merge and state.active:
             layer.lora_merge(state.active)
         else:

@@ -288,17 +288,25 @@ class LoraLayer:
             names = [*self.lora_merged, *names]  # DoRA scales are relative to the unmerged weight
             self.lora_unmerge()
         weight = self.lora_dense_weight().detach().float()
-        total, scales = torch.zeros_like(weight), {}
-        for name in names:
-            delta = self._lora_delta_dense(name)
-            if self.lora_adapters[name].use_dora:
-                scales[name] = self.lora_magnitude[name].detach().float() / self._lora_weight_norm(name)
-                delta = dora.merged_delta(weight, delta, scales[name])
-            total += delta
+        total, scales = self.lora_merged_update(names, weight)
         self._lora_write_weight(weight + total)
         self.lora_dora_scale.update(scales)
         self.lora_merged = self.lora_merged + tuple(names)
         self.lora_refresh()
+
+    def lora_merged_update(self, names: Iterable[str], weight: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """What merging `names` adds to the float32 (out, in) `weight`: Σ s·B·A, and for DoRA adapters
+        (g - 1)·W + g·s·B·A with g = m / ||W + s·B·A||; also each DoRA adapter's g (for unmerging)."""
+        total, scales = torch.zeros_like(weight), {}
+        for name in names:
+            delta = self._lora_delta_dense(name)
+            if self.lora_adapters[name].use_dora:
+                spec, A, B = self.lora_adapters[name], self.lora_A[name].detach(), self.lora_B[name].detach()
+                norm = dora.weight_norm(weight, A, B, spec.scaling)
+                scales[name] = self.lora_magnitude[name].detach().float() / norm
+                delta = dora.merged_delta(weight, delta, scales[name])
+            total += delta
+        return total, scales
 
     def lora_unmerge(self) -> None:
         """Recover the base weight: W = (W_merged - Σ ΔW_plain - Σ g·ΔW_dora) / (1 + Σ (g - 1))."""

@@ -130,7 +130,7 @@ def _requantize(name: str, layer: Linear4bit, active: tuple[str, ...]) -> tuple[
     if not live:
         return layer.quantized_weight, None
     weight = layer.dequantize_weight(torch.float32)
-    delta = sum(_update(layer, adapter, weight) for adapter in live)
+    delta, _ = layer.lora_merged_update(live, weight)
     target = weight + delta
     if not torch.isfinite(target).all():
         raise LorakitError(f"merging into {name} gives non-finite weights (W + ΔW overflows float32); nothing was "
@@ -140,16 +140,3 @@ def _requantize(name: str, layer: Linear4bit, active: tuple[str, ...]) -> tuple[
     error = qt.dequantize(torch.float32).sub_(target)
     row = LayerMerge(name, tuple(target.shape), float(target.norm()), float(delta.norm()), float(error.norm()))
     return qt, row
-
-
-def _update(layer: Linear4bit, adapter: str, weight: torch.Tensor) -> torch.Tensor:
-    """What one adapter adds to the float32 weight when merged: s·B·A, or DoRA's (g - 1)·W + g·s·B·A."""
-    from ..layers import dora
-
-    spec = layer.lora_adapters[adapter]
-    delta = layer.lora_delta(adapter)
-    if not spec.use_dora:
-        return delta
-    A, B = layer.lora_A[adapter].detach(), layer.lora_B[adapter].detach()
-    scale = layer.lora_magnitude[adapter].detach().float() / dora.weight_norm(weight, A, B, spec.scaling)
-    return dora.merged_delta(weight, delta, scale)
