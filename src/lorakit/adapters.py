@@ -40,11 +40,8 @@ def set_trainable(model: nn.Module, names: AdapterNames) -> nn.Module:
         param.requires_grad = False
     for _, layer in lora_layers(model):
         for name in layer.lora_adapters:
-            on = name in trainable
-            layer.lora_A[name].requires_grad = on
-            layer.lora_B[name].requires_grad = on
-            if name in layer.lora_magnitude:
-                layer.lora_magnitude[name].requires_grad = on
+            for param in layer.lora_parameters(name):
+                param.requires_grad = name in trainable
     for _, wrapper in saved_modules(model):
         for name, copy in wrapper.modules_to_save.items():
             copy.requires_grad_(name in trainable)

@@ -34,7 +34,7 @@ def _dtype(name: Optional[str]):
 def inspect(folder: Path = typer.Argument(..., help="adapter folder (lorakit or PEFT)"),
             as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
     """Config, adapted modules, ranks, sizes and per-layer update norms of an adapter folder."""
-    from .inspect import describe_adapter, rank_summary
+    from .adapter_report import describe_adapter, rank_summary
 
     report = describe_adapter(folder)
     if as_json:

@@ -92,13 +92,18 @@ class LoraConfig:
     def alpha_for(self, module_name: str) -> float:
         return pattern_value(self.alpha_pattern, module_name, self.alpha)
 
-    def scaling_for(self, module_name: str) -> float:
-        """alpha / r, or alpha / sqrt(r) with rsLoRA, for this module's rank and alpha."""
-        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
     def replace(self, **changes: Any) -> "LoraConfig":
         return dataclasses.replace(self, **changes)
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """The factor on B·A: alpha / r (LoRA), or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def alpha_for_scaling(scaling: float, r: int, use_rslora: bool = False) -> float:
+    """The alpha that gives `scaling` at rank r: the inverse of `lora_scaling`."""
+    return scaling * (math.sqrt(r) if use_rslora else r)
 
 
 def pattern_matches(pattern: str, module_name: str) -> bool:

@@ -18,6 +18,7 @@ from .errors import LorakitError
 from .layers.core import AdapterSpec, LoraLayer
 from .layers.modules_to_save import ModulesToSave
 from .layers.registry import ADAPTABLE_KINDS, is_linear_like, lora_class_for
+from .layers.variant import variant_of
 from .state import STATE_ATTRIBUTE, LorakitState, find_state, get_state, lora_layers
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
@@ -140,9 +141,9 @@ def _plan(model: nn.Module, cfg: LoraConfig) -> tuple[list[_Target], list[tuple[
     for name, module in matched:
         spec = AdapterSpec(r=cfg.rank_for(name), alpha=cfg.alpha_for(name), dropout=cfg.dropout,
                            use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
-        if cfg.use_dora and not getattr(_lora_class(name, module) or module, "lora_supports_dora", False):
-            raise LorakitError(f"use_dora: {name!r} is a {type(module).__name__}; DoRA applies to linear layers "
-                               "only, so narrow target_modules")
+        refusal = variant_of(spec).check(_lora_class(name, module) or type(module), spec)
+        if refusal:
+            raise LorakitError(f"{name!r}: {refusal}; narrow target_modules")
         plan.append(_Target(name, module, _lora_class(name, module, model), spec))
     _check_pissa(model, cfg, plan)
     return plan, saved

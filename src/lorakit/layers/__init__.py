@@ -1,5 +1,6 @@
-"""LoRA layers: one shared core (core.py) and one small file per base kind."""
+"""LoRA layers: one shared core (core.py), one small file per base kind, one per adapter variant."""
 
+from . import dora, plain_lora  # the built-in variants register themselves (variant.py)
 from .core import AdapterSpec, LoraLayer
 
 __all__ = ["AdapterSpec", "LoraLayer"]

@@ -2,9 +2,10 @@
 
 A LoRA layer is the user's own module with its class swapped for a subclass that mixes in `LoraLayer`,
 so parameter names (`q_proj.weight`) and isinstance checks stay as they were and no wrapper module adds
-a call to every forward. A base kind (Linear, Conv1D, Embedding, Conv) supplies only four small hooks:
-the adapter shapes, how the input reaches rank space, how rank space reaches the output, and how a dense
-(out, in) delta is laid out like its weight.
+a call to every forward. A base kind (Linear, Conv1D, Embedding, Conv, Linear4bit) supplies only the hooks
+below: the adapter shapes, how the input reaches rank space, how rank space reaches the output, how a dense
+(out, in) delta is laid out like its weight and back, its base forward and its output size. What an adapter
+does beyond plain LoRA (DoRA, ...) is its variant's business (variant.py); the core asks the variant.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import lora_scaling
 from ..errors import LorakitError
-from . import dora, lean, routing
+from . import routing, variant
+from .variant import Variant
 
 LORA_ATTRIBUTES = (
-    "lora_adapters", "lora_active", "lora_merged", "lora_live", "lora_disabled", "lora_merge_on_eval", "lora_routes",
-    "lora_dora_scale", "lora_dora_cache", "lora_lean",
+    "lora_adapters", "lora_variants", "lora_active", "lora_merged", "lora_live", "lora_disabled",
+    "lora_merge_on_eval", "lora_routes", "lora_merge_state", "lora_cache", "lora_inplace",
 )
 LORA_PARAMETER_DICTS = ("lora_A", "lora_B")
-LORA_MODULES = (*LORA_PARAMETER_DICTS, "lora_magnitude")
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class AdapterSpec:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+        return lora_scaling(self.r, self.alpha, self.use_rslora)
 
     @property
     def n_enabled(self) -> int:
@@ -58,19 +60,19 @@ class LoraLayer:
     lora_base_class: ClassVar[type[nn.Module]]
     lora_zero_init_A: ClassVar[bool] = False  # embeddings start from A = 0, B random (PEFT's choice)
     lora_merge_blocker: ClassVar[str | None] = None  # why this kind cannot merge in place, if it cannot
-    lora_supports_dora: ClassVar[bool] = False
-    lora_lean_kind: ClassVar[bool] = False  # plain x·Aᵀ·Bᵀ adapters on a base whose output may be updated in place
+    lora_is_linear: ClassVar[bool] = False  # a dense projection: output rows are the weight's rows
+    lora_inplace_kind: ClassVar[bool] = False  # a base whose output the adapter may update in place
 
     lora_A: nn.ParameterDict
-    lora_B: nn.ParameterDict
-    lora_magnitude: nn.ParameterDict  # DoRA's per-output magnitude m, for adapters with use_dora
-    lora_dora_scale: dict[str, Tensor]  # m / ||W + ΔW|| fixed when a DoRA adapter was merged
-    lora_dora_cache: dict[str, tuple[tuple[int, ...], Tensor]]  # weight norms while nothing changes
+    lora_B: nn.ParameterDict  # plus one ParameterDict per variant extra (e.g. DoRA's lora_magnitude)
     lora_adapters: dict[str, AdapterSpec]
+    lora_variants: dict[str, Variant]  # each adapter's variant (variant.py)
+    lora_merge_state: dict[str, Tensor]  # what a variant kept when merging, to unmerge exactly
+    lora_cache: dict[str, Any]  # a variant's per-adapter cache (e.g. DoRA's weight norms)
     lora_active: tuple[str, ...]
     lora_merged: tuple[str, ...]
     lora_live: tuple[str, ...]
-    lora_lean: bool  # every live adapter can take the in-place path of layers/lean.py
+    lora_inplace: bool  # every live adapter can take its variant's in-place path (inplace_autograd.py)
     lora_disabled: bool
     lora_merge_on_eval: bool
     lora_routes: routing.RoutePlan | None  # per-row adapters inside an lk.route block
@@ -106,16 +108,16 @@ class LoraLayer:
     # ---- set-up -----------------------------------------------------------------------------------
     def lora_setup(self, merge_on_eval: bool = False) -> None:
         """Give a freshly swapped (or constructed) module empty adapter state."""
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        self.lora_magnitude = nn.ParameterDict()
-        self.lora_dora_scale = {}
-        self.lora_dora_cache = {}
+        for dict_name in (*LORA_PARAMETER_DICTS, *variant.parameter_dicts()):
+            setattr(self, dict_name, nn.ParameterDict())
         self.lora_adapters = {}
+        self.lora_variants = {}
+        self.lora_merge_state = {}
+        self.lora_cache = {}
         self.lora_active = ()
         self.lora_merged = ()
         self.lora_live = ()
-        self.lora_lean = False
+        self.lora_inplace = False
         self.lora_disabled = False
         self.lora_merge_on_eval = merge_on_eval
         self.lora_routes = None
@@ -123,7 +125,7 @@ class LoraLayer:
 
     def lora_teardown(self) -> None:
         """Remove every trace of lorakit and restore the original class."""
-        for name in LORA_MODULES:
+        for name in (*LORA_PARAMETER_DICTS, *variant.parameter_dicts()):
             delattr(self, name)
         for name in LORA_ATTRIBUTES:
             self.__dict__.pop(name, None)
@@ -138,27 +140,35 @@ class LoraLayer:
                 f"enable_lora has {len(spec.groups)} parts but out_features={self.lora_out_features} "
                 "does not split evenly into them"
             )
+        kind = variant.variant_of(spec)
+        refusal = kind.check(type(self), spec)
+        if refusal:
+            raise LorakitError(refusal)
         shape_a, shape_b = self.lora_shapes(spec)
         weight = self.lora_reference_weight()
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         A = torch.empty(shape_a, device=weight.device, dtype=dtype)
         B = torch.empty(shape_b, device=weight.device, dtype=dtype)
         _init_pair(A, B, spec.r, init, self.lora_zero_init_A)
-        if spec.use_dora:
-            if not self.lora_supports_dora or spec.groups is not None:
-                raise LorakitError(f"DoRA (use_dora) applies to linear layers, not {type(self).__name__}")
-            norms = self.lora_dense_weight().detach().float().norm(dim=1)  # B = 0: m starts at ||W||
-            self.lora_magnitude[name] = nn.Parameter(norms.to(device=weight.device, dtype=dtype))
+        kind.add(self, name, spec, dtype)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         self.lora_adapters[name] = spec
+        self.lora_variants[name] = kind
 
     def lora_delete(self, name: str) -> None:
-        if name in self.lora_magnitude:
-            del self.lora_magnitude[name]
+        self.lora_variants.pop(name).delete(self, name)
         del self.lora_A[name], self.lora_B[name], self.lora_adapters[name]
         self.lora_active = tuple(n for n in self.lora_active if n != name)
         self.lora_refresh()
+
+    def lora_parameters(self, name: str) -> list[nn.Parameter]:
+        """Every trained tensor of adapter `name`: A, B and its variant's extras."""
+        return [self.lora_A[name], self.lora_B[name], *self.lora_variants[name].extra_parameters(self, name).values()]
+
+    def lora_file_tensors(self, name: str) -> dict[str, nn.Parameter]:
+        """The variant's extra tensors of adapter `name` by adapter-file key suffix (e.g. lora_magnitude_vector)."""
+        return self.lora_variants[name].extra_parameters(self, name)
 
     def lora_reference_weight(self) -> Tensor:
         """The tensor whose device (and float dtype) new adapters follow."""
@@ -173,28 +183,18 @@ class LoraLayer:
         """Recompute which adapters the forward must add (active, not merged, not disabled)."""
         live = () if self.lora_disabled else tuple(n for n in self.lora_active if n not in self.lora_merged)
         self.lora_live = live
-        specs = [self.lora_adapters[n] for n in live]
-        plain = all(s.groups is None and not s.use_dora for s in specs)
-        lone_dora = len(specs) == 1 and specs[0].use_dora  # DoRA rescales the base output: no other term in it
-        self.lora_lean = self.lora_lean_kind and (plain or lone_dora)
+        kinds = [(self.lora_variants[n], self.lora_adapters[n]) for n in live]
+        alone_ok = len(live) == 1 or not any(kind.inplace_alone for kind, _ in kinds)
+        self.lora_inplace = self.lora_inplace_kind and alone_ok and all(kind.can_inplace(s) for kind, s in kinds)
 
     # ---- forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         base = out = self.lora_base_forward(x, *args, **kwargs)
         if self.lora_routes is not None and not self.lora_disabled:
             return self._lora_routed(x, out)
-        if self.lora_lean and out.is_contiguous() and x.is_floating_point():
+        if self.lora_inplace and out.is_contiguous() and x.is_floating_point():
             for name in self.lora_live:
-                spec, A, B = self.lora_adapters[name], self.lora_A[name], self.lora_B[name]
-                dropout = spec.dropout if self.training else 0.0
-                if not spec.use_dora:
-                    out = lean.add_lora_(out, x, A, B, spec.scaling, dropout)
-                elif not dropout and out.dtype == lean.compute_dtype(x, A):
-                    norm = self._lora_weight_norm(name)
-                    out = lean.add_dora_(out, x, A, B, spec.scaling, self.lora_magnitude[name], norm,
-                                         getattr(self, "bias", None))
-                else:  # DoRA with dropout rescales W·dropout(x), which only the general path computes
-                    out = out + self.lora_term(x, name, base).to(out.dtype)
+                out = self.lora_variants[name].add_inplace_(self, name, out, x, base)
             return out
         for name in self.lora_live:
             out = out + self.lora_term(x, name, base).to(out.dtype)
@@ -217,7 +217,7 @@ class LoraLayer:
         return out
 
     def lora_term(self, x: Tensor, name: str, base: Tensor | None = None) -> Tensor:
-        """What one adapter adds to the base output `base`: scaling * B(A(dropout(x))), or DoRA's term."""
+        """What one adapter adds to the base output `base`: scaling * B(A(dropout(x))), as its variant uses it."""
         spec = self.lora_adapters[name]
         A, B = self.lora_A[name], self.lora_B[name]
         if x.is_floating_point() and x.dtype != A.dtype:
@@ -227,25 +227,7 @@ class LoraLayer:
             x = F.dropout(x, spec.dropout, training=True)
         h = self.lora_hidden(x, A) * spec.scaling
         lora = self.lora_expand(h, B) if spec.groups is None else self._lora_expand_groups(h, B, spec)
-        if not spec.use_dora:
-            return lora
-        if dropped:  # DoRA rescales W·x; with dropout, PEFT rescales W·dropout(x)
-            base_no_bias = F.linear(x, self.lora_dense_weight().to(x.dtype))
-        else:
-            bias = getattr(self, "bias", None)
-            base_no_bias = base if bias is None else base - bias.to(base.dtype)
-        return dora.output(base_no_bias, lora, self.lora_magnitude[name], self._lora_weight_norm(name))
-
-    def _lora_weight_norm(self, name: str) -> Tensor:
-        """||W + s·B·A|| per output row; reused while W, A and B are unchanged (e.g. in inference)."""
-        A, B = self.lora_A[name], self.lora_B[name]
-        key = (A._version, B._version, self.lora_reference_weight()._version, A.data_ptr(), B.data_ptr())
-        cached = self.lora_dora_cache.get(name)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        norm = dora.weight_norm(self.lora_dense_weight(), A.detach(), B.detach(), self.lora_adapters[name].scaling)
-        self.lora_dora_cache[name] = (key, norm)
-        return norm
+        return self.lora_variants[name].term(self, name, x, lora, base, bool(dropped))
 
     def _lora_expand_groups(self, h: Tensor, B: Tensor, spec: AdapterSpec) -> Tensor:
         """Each enabled output part gets its own slice of h and B; disabled parts get zeros."""
@@ -279,47 +261,44 @@ class LoraLayer:
         return delta * spec.scaling
 
     def lora_merge(self, names: Iterable[str]) -> None:
-        """Fold adapters into the weight, through float32. A DoRA adapter adds (g - 1)·W + g·ΔW with
-        g = m / ||W + ΔW|| fixed now; several merge at once against the same base weight."""
+        """Fold adapters into the weight, through float32, each as its variant's merged update (e.g. DoRA's
+        (g - 1)·W + g·ΔW with g = m / ||W + ΔW|| fixed now); several merge at once against the same base weight."""
         names = [n for n in names if n in self.lora_adapters and n not in self.lora_merged]
         if not names:
             return
-        if self.lora_merged and any(self.lora_adapters[n].use_dora for n in (*names, *self.lora_merged)):
-            names = [*self.lora_merged, *names]  # DoRA scales are relative to the unmerged weight
+        if self.lora_merged and any(self.lora_variants[n].merges_against_base for n in (*names, *self.lora_merged)):
+            names = [*self.lora_merged, *names]  # such updates are relative to the unmerged weight
             self.lora_unmerge()
         weight = self.lora_dense_weight().detach().float()
-        total, scales = self.lora_merged_update(names, weight)
+        total, kept = self.lora_merged_update(names, weight)
         self._lora_write_weight(weight + total)
-        self.lora_dora_scale.update(scales)
+        self.lora_merge_state.update(kept)
         self.lora_merged = self.lora_merged + tuple(names)
         self.lora_refresh()
 
     def lora_merged_update(self, names: Iterable[str], weight: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """What merging `names` adds to the float32 (out, in) `weight`: Σ s·B·A, and for DoRA adapters
-        (g - 1)·W + g·s·B·A with g = m / ||W + s·B·A||; also each DoRA adapter's g (for unmerging)."""
-        total, scales = torch.zeros_like(weight), {}
+        """What merging `names` adds to the float32 (out, in) `weight` (Σ s·B·A for plain adapters, each
+        variant's own update for others), and the per-row factors variants keep for unmerging."""
+        total, kept = torch.zeros_like(weight), {}
         for name in names:
-            delta = self._lora_delta_dense(name)
-            if self.lora_adapters[name].use_dora:
-                spec, A, B = self.lora_adapters[name], self.lora_A[name].detach(), self.lora_B[name].detach()
-                norm = dora.weight_norm(weight, A, B, spec.scaling)
-                scales[name] = self.lora_magnitude[name].detach().float() / norm
-                delta = dora.merged_delta(weight, delta, scales[name])
-            total += delta
-        return total, scales
+            update, factor = self.lora_variants[name].merged_update(self, name, weight, self._lora_delta_dense(name))
+            if factor is not None:
+                kept[name] = factor
+            total += update
+        return total, kept
 
     def lora_unmerge(self) -> None:
-        """Recover the base weight: W = (W_merged - Σ ΔW_plain - Σ g·ΔW_dora) / (1 + Σ (g - 1))."""
+        """Recover the base weight: W = (W_merged - Σ c·ΔW) / (1 + Σ (c - 1)), c each variant's row factor."""
         if not self.lora_merged:
             return
         merged = self.lora_dense_weight().detach().float()
         divisor = torch.ones(merged.shape[0], device=merged.device)
         for name in self.lora_merged:
-            delta = self._lora_delta_dense(name)
-            scale = self.lora_dora_scale.pop(name, None)
-            if scale is not None:
-                delta, divisor = scale[:, None] * delta, divisor + scale - 1
-            merged -= delta
+            update, extra = self.lora_variants[name].unmerge_update(self._lora_delta_dense(name),
+                                                                   self.lora_merge_state.pop(name, None))
+            if extra is not None:
+                divisor = divisor + extra
+            merged -= update
         self._lora_write_weight(merged / divisor[:, None])
         self.lora_merged = ()
         self.lora_refresh()

@@ -15,8 +15,8 @@ class LinearKind(LoraLayer):
     """Hooks shared by every dense projection: A is (r, in), B is (out, r)."""
 
     fan_in_fan_out: bool = False  # weight stored as (in, out), like transformers' Conv1D
-    lora_supports_dora = True
-    lora_lean_kind = True
+    lora_is_linear = True
+    lora_inplace_kind = True
 
     def lora_shapes(self, spec: AdapterSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
         if spec.groups is None:

@@ -60,8 +60,8 @@ def _subclass(lora_cls: type[LoraLayer], cls: type[nn.Module]) -> type[LoraLayer
     if cls not in _SUBCLASSES:
         name = f"Lora_{cls.__module__.replace('.', '_')}_{cls.__qualname__.replace('.', '_')}"
         # a forward of its own may save its output for backward, so the adapter must not update it in place
-        lean = lora_cls.lora_lean_kind and cls.forward is lora_cls.lora_base_class.forward
-        attributes = {"lora_base_class": cls, "lora_lean_kind": lean, "__module__": __name__, "__qualname__": name}
+        inplace = lora_cls.lora_inplace_kind and cls.forward is lora_cls.lora_base_class.forward
+        attributes = {"lora_base_class": cls, "lora_inplace_kind": inplace, "__module__": __name__, "__qualname__": name}
         new_cls = type(name, (lora_cls, cls), attributes)
         globals()[name] = new_cls  # importable by name, so models with it pickle and deepcopy
         _SUBCLASSES[cls] = new_cls

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import LorakitError
-from . import lean
+from . import inplace_autograd
 
 if TYPE_CHECKING:
     from .core import LoraLayer
@@ -104,7 +104,7 @@ def _gather(layer: LoraLayer, row_names: tuple[str | None, ...], names: tuple[st
 
 def can_gather(layer: LoraLayer, names: tuple[str, ...]) -> bool:
     """Plain linear adapters only; dropout in training draws a mask per adapter, so it groups."""
-    if not layer.lora_lean_kind:
+    if not layer.lora_inplace_kind:
         return False
     specs = [layer.lora_adapters[n] for n in names]
     return all(s.groups is None and not s.use_dora and not (s.dropout and layer.training) for s in specs)
@@ -112,7 +112,7 @@ def can_gather(layer: LoraLayer, names: tuple[str, ...]) -> bool:
 
 def gathered(layer: LoraLayer, plan: RoutePlan, names: tuple[str, ...], x: Tensor, out: Tensor) -> Tensor:
     """out + every row's own term, from two batched matmuls over the whole batch."""
-    dtype = lean.compute_dtype(x, layer.lora_A[names[0]])
+    dtype = inplace_autograd.compute_dtype(x, layer.lora_A[names[0]])
     A_rows, B_rows, scaling = plan.row_weights(layer, names, dtype)
     rows, features = plan.rows, out.shape[-1]
     h = torch.bmm(x.reshape(rows, -1, x.shape[-1]).to(dtype), A_rows.transpose(1, 2)) * scaling

@@ -1,4 +1,4 @@
-"""The lean adapter path for plain linear adapters: out += s·B·A·dropout(x), written into `out` in place.
+"""The in-place custom-autograd adapter path: out += s·B·A·dropout(x), written into `out` in place.
 
 Autograd's version of this keeps the dropped input (N x in floats) alive until backward, allocates the
 (N x out) adapter term and then a second (N x out) tensor for the sum. `LoraAdd` instead adds the term

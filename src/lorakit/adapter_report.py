@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -12,7 +11,7 @@ from typing import Any
 import torch
 
 from .io import read_adapter
-from .config import pattern_value
+from .config import lora_scaling, pattern_value
 
 
 @dataclass
@@ -59,7 +58,7 @@ def describe_adapter(folder: str | os.PathLike) -> AdapterReport:
         A, B = pair["A"].float().flatten(1), pair["B"].float().flatten(1)
         rank = A.shape[0]
         alpha = pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
-        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        scaling = lora_scaling(rank, alpha, bool(config.get("use_rslora")))
         report.layers.append(LayerReport(
             module=module,
             rank=rank,
