@@ -12,7 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lorakit as lk
 from lorakit.quant import quantize_model
 from lorakit.train.data import collate
-from lorakit.train.estimate import EVAL_BATCH, MemoryEstimate, estimate, estimate_table
+from lorakit.train.estimate import EVAL_BATCH, MemoryEstimate, estimate
+from lorakit.train.estimate_table import estimate_table
 from lorakit.train.evaluate import left_pad
 from lorakit.train.objectives import causal_lm_loss, tail_logits
 

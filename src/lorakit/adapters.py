@@ -10,6 +10,7 @@ from torch import nn
 
 from .errors import LorakitError
 from .layers.routing import RoutePlan
+from .module_tree import replace_module
 from .state import STATE_ATTRIBUTE, check_adapter_names, get_state, lora_layers, saved_modules
 
 AdapterNames = str | Sequence[str] | None
@@ -130,7 +131,7 @@ def merge(model: nn.Module) -> nn.Module:
     already = _merged(model) & set(state.active)
     if already:
         raise LorakitError(f"adapters {sorted(already)} are already merged; lk.unmerge(model) first to merge again")
-    _check_mergeable(model)
+    check_mergeable(model)
     for _, layer in lora_layers(model):
         layer.lora_merge(state.active)
     return model
@@ -154,7 +155,7 @@ def unload(model: nn.Module, merge: bool = True, dequantize: bool = False) -> nn
     state = get_state(model)
     quantized = {name for name, layer in lora_layers(model) if layer.lora_merge_blocker}
     if merge and state.active:
-        _check_mergeable(model, skip=quantized if dequantize else set())
+        check_mergeable(model, skip=quantized if dequantize else set())
     deltas = {}
     for name, layer in lora_layers(model):
         if name in quantized and dequantize:
@@ -180,28 +181,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put `module` where the submodule called `name` is."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-def _merged(model: nn.Module) -> set[str]:
-    return {name for _, layer in lora_layers(model) for name in layer.lora_merged}
-
-
-def _dense(layer: nn.Module, delta: torch.Tensor) -> nn.Linear:
-    """A 4-bit layer as nn.Linear in its compute dtype, with `delta` added through float32."""
-    linear = layer.to_linear(layer.compute_dtype)
-    merged = (linear.weight.detach().float() + delta).to(linear.weight.dtype)
-    if not torch.isfinite(merged).all():
-        raise LorakitError("merging into a dequantized 4-bit weight gives non-finite values; keep it unmerged")
-    with torch.no_grad():
-        linear.weight.copy_(merged)
-    return linear
-
-
-def _check_mergeable(model: nn.Module, skip: set[str] = frozenset()) -> None:
+def check_mergeable(model: nn.Module, skip: set[str] = frozenset()) -> None:
     """Refuse before touching any weight: kinds that cannot merge, and weights other modules share."""
     owners: dict[int, list[str]] = {}
     for param_name, param in model.named_parameters(remove_duplicate=False):
@@ -217,6 +197,21 @@ def _check_mergeable(model: nn.Module, skip: set[str] = frozenset()) -> None:
                 f"cannot merge into {name}: its weight is tied to {[n for n in shared if not n.startswith(name + '.')]}, "
                 "which merging would change too; keep the adapter unmerged, or untie the weights first"
             )
+
+
+def _merged(model: nn.Module) -> set[str]:
+    return {name for _, layer in lora_layers(model) for name in layer.lora_merged}
+
+
+def _dense(layer: nn.Module, delta: torch.Tensor) -> nn.Linear:
+    """A 4-bit layer as nn.Linear in its compute dtype, with `delta` added through float32."""
+    linear = layer.to_linear(layer.compute_dtype)
+    merged = (linear.weight.detach().float() + delta).to(linear.weight.dtype)
+    if not torch.isfinite(merged).all():
+        raise LorakitError("merging into a dequantized 4-bit weight gives non-finite values; keep it unmerged")
+    with torch.no_grad():
+        linear.weight.copy_(merged)
+    return linear
 
 
 def _set_disabled(model: nn.Module, on: bool) -> None:

@@ -172,7 +172,7 @@ def estimate(
 ) -> None:
     """Memory needed to train: weights, gradients, optimizer state, activations (LoRA, QLoRA, full)."""
     from .train.config_file import parse_targets
-    from .train.estimate import estimate_table
+    from .train.estimate_table import estimate_table
 
     targets = parse_targets(target) if target else None
     console.print(estimate_table(model, r=r, target=targets, batch_size=batch_size, seq_len=seq_len))
@@ -234,7 +234,7 @@ def generate(
 
 
 def _print_estimate(cfg) -> None:
-    from .train.estimate import estimate_table
+    from .train.estimate_table import estimate_table
 
     console.print(estimate_table(cfg.model, r=cfg.r, target=cfg.target, batch_size=cfg.batch_size,
                                  seq_len=min(cfg.max_length, 64 if cfg.data == "default" else cfg.max_length)))

@@ -50,7 +50,8 @@ ARCHITECTURE_TARGETS: dict[str, list[str]] = {
 
 @dataclass
 class LoraConfig:
-    """Hyper-parameters of one adapter; fields and defaults follow the public contract."""
+    """Hyper-parameters of one adapter. Fields and defaults are public API (README.md); where PEFT has the same
+    setting the meaning is PEFT's, so its adapter_config.json maps onto these fields."""
 
     r: int = 8
     alpha: float = 16

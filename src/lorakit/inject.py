@@ -12,13 +12,14 @@ from typing import Iterator
 from torch import nn
 
 from . import pissa
-from .adapters import replace_module, set_active, set_trainable
+from .adapters import set_active, set_trainable
 from .config import ARCHITECTURE_TARGETS, LoraConfig
 from .errors import LorakitError
 from .layers.core import AdapterSpec, LoraLayer
 from .layers.modules_to_save import ModulesToSave
 from .layers.registry import ADAPTABLE_KINDS, is_linear_like, lora_class_for
 from .layers.variant import variant_of
+from .module_tree import name_matches, replace_module
 from .state import STATE_ATTRIBUTE, LorakitState, find_state, get_state, lora_layers
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
@@ -89,7 +90,7 @@ def output_head_name(model: nn.Module) -> str | None:
 
 
 def resolve_targets(model: nn.Module, target_modules: list[str] | str | None) -> list[str] | str:
-    """The contract's shorthands made concrete: None -> architecture default, "all-linear" -> names."""
+    """LoraConfig.target_modules' shorthands made concrete: None -> architecture default, "all-linear" -> names."""
     if target_modules is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in ARCHITECTURE_TARGETS:
@@ -102,13 +103,6 @@ def resolve_targets(model: nn.Module, target_modules: list[str] | str | None) ->
         head = output_head_name(model)
         return [n for n, m in adaptable_modules(model) if is_linear_like(type(m)) and n != head]
     return target_modules
-
-
-def name_matches(patterns: list[str] | str, name: str) -> bool:
-    """A list matches a name exactly or as a dotted suffix; a string is a full-match regex."""
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 def _check_arguments(model: nn.Module, cfg: LoraConfig, adapter: str) -> None:

@@ -36,7 +36,7 @@ EXPECTED = (
 
 
 def load_base_model(
-    spec: str | os.PathLike = "default",
+    source: str | os.PathLike = "default",
     dtype: torch.dtype = torch.float32,
     *,
     task: str | type = "causal-lm",
@@ -49,9 +49,9 @@ def load_base_model(
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     auto = _auto_class(task)
-    if str(spec) == "default":
-        return _load_hf_folder(_default_folder(), auto, dtype, config_overrides)
-    path = Path(spec).expanduser()
+    if str(source) == "default":
+        return _load_hf_folder(default_folder(), auto, dtype, config_overrides)
+    path = Path(source).expanduser()
     if not path.exists():
         raise LorakitError(f"No model at {path}: {EXPECTED}.")
     if path.is_file() and path.suffix == ".gguf":
@@ -62,6 +62,24 @@ def load_base_model(
         return _load_hf_folder(path, auto, dtype, config_overrides)
     found = sorted(p.name for p in path.iterdir())[:12] if path.is_dir() else [path.name]
     raise LorakitError(f"Cannot tell what model {path} holds (found {found}): {EXPECTED}.")
+
+
+def load_config(source: str | os.PathLike = "default") -> Any:
+    """The transformers config of "default", a Hugging Face folder, a .safetensors file or a .gguf file,
+    without reading any weight."""
+    from transformers import AutoConfig
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if str(source) == "default":
+        return AutoConfig.from_pretrained(default_folder(), local_files_only=True)
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    folder = path.parent if path.is_file() else path
+    if not (folder / "config.json").is_file():
+        raise LorakitError(f"No config.json for {path}: expected 'default', a Hugging Face folder, a "
+                           ".safetensors file with config.json beside it, or a .gguf file.")
+    return AutoConfig.from_pretrained(folder, local_files_only=True)
 
 
 def save_hf_folder(model: Any, tokenizer: Any, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
@@ -103,7 +121,7 @@ def _auto_class(task: str | type) -> Any:
     return getattr(transformers, TASKS[task])
 
 
-def _default_folder() -> Path:
+def default_folder() -> Path:
     """The default GGUF converted to a safetensors folder, made on first use; keyed by the GGUF's hash."""
     from lorakit.assets import MODEL, cache_dir, default_model_path
 

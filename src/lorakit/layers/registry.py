@@ -6,20 +6,26 @@ import copy
 
 from torch import nn
 
+from ..module_tree import is_hf_conv1d
+from ..quant.linear4bit import Linear4bit
 from .conv import Conv1d, Conv2d, Conv3d
 from .core import AdapterSpec, LoraLayer
 from .embedding import Embedding
 from .linear import Linear
+from .linear4bit import LoraLinear4bit
 
-_EXACT: dict[type[nn.Module], type[LoraLayer]] = {
-    nn.Linear: Linear,
-    nn.Embedding: Embedding,
-    nn.Conv1d: Conv1d,
-    nn.Conv2d: Conv2d,
-    nn.Conv3d: Conv3d,
-}
+_EXACT: dict[type[nn.Module], type[LoraLayer]] = {}
 _SUBCLASSES: dict[type[nn.Module], type[LoraLayer]] = {}
 ADAPTABLE_KINDS = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d (groups=1), lorakit Linear4bit"
+
+
+def register_kind(lora_class: type[LoraLayer]) -> None:
+    """Adapt modules of `lora_class.lora_base_class` (and its subclasses) with `lora_class`."""
+    _EXACT[lora_class.lora_base_class] = lora_class
+
+
+for _kind in (Linear, Embedding, Conv1d, Conv2d, Conv3d, LoraLinear4bit):
+    register_kind(_kind)
 
 
 def lora_class_for(cls: type[nn.Module]) -> type[LoraLayer] | None:
@@ -28,14 +34,10 @@ def lora_class_for(cls: type[nn.Module]) -> type[LoraLayer] | None:
         return None  # already adapted / read directly by nn.MultiheadAttention, which never calls its forward
     if cls in _EXACT:
         return _EXACT[cls]
-    if _is_hf_conv1d(cls):
-        from .hf_conv1d import Conv1D
+    if is_hf_conv1d(cls):
+        from .hf_conv1d import Conv1D  # imports transformers, so only for models that have it
 
         return Conv1D
-    if _is_linear4bit(cls):
-        from .linear4bit import Linear4bit
-
-        return Linear4bit
     for base, lora_cls in _EXACT.items():
         if issubclass(cls, base):
             return _subclass(lora_cls, cls)
@@ -44,15 +46,7 @@ def lora_class_for(cls: type[nn.Module]) -> type[LoraLayer] | None:
 
 def is_linear_like(cls: type[nn.Module]) -> bool:
     """Dense projections, the layers "all-linear" selects."""
-    return issubclass(cls, nn.Linear) or _is_hf_conv1d(cls) or _is_linear4bit(cls)
-
-
-def _is_hf_conv1d(cls: type) -> bool:
-    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers.") for c in cls.__mro__)
-
-
-def _is_linear4bit(cls: type) -> bool:
-    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("lorakit.quant") for c in cls.__mro__)
+    return issubclass(cls, (nn.Linear, Linear4bit)) or is_hf_conv1d(cls)
 
 
 def _subclass(lora_cls: type[LoraLayer], cls: type[nn.Module]) -> type[LoraLayer]:

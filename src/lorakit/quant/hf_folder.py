@@ -13,17 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from .. import atomic
 from ..errors import FormatError
+from ..module_tree import replace_module
 from .linear4bit import Linear4bit, linear_weight
 
 QUANT_STATE = ".weight.quant_state.bitsandbytes__"
 
 
 def save_quantized(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
-    """Write a model holding Linear4bit layers; the config records how to load it in 4 bits."""
+    """Write a model holding Linear4bit layers; the config records how to load it in 4 bits. Each of
+    lorakit's files is written under a temporary name and renamed (the tokenizer writes its own)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
@@ -46,8 +50,8 @@ def save_quantized(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike)
         if tensor.data_ptr() not in seen:  # a tied weight under its first name only, as transformers saves
             seen.add(tensor.data_ptr())
             state[name] = tensor.detach().cpu().contiguous()
-    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    atomic.write_bytes(out / "model.safetensors", save_safetensors(state, metadata={"format": "pt"}))
+    atomic.write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
@@ -78,11 +82,9 @@ def load_quantized(folder: Path, auto: Any) -> nn.Module:
         if weight is None:
             raise FormatError(f"{folder}: {name} holds 4-bit weights but is a {type(linear).__name__} in the model")
         out_features, in_features = weight.shape
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                Linear4bit(in_features, out_features, bias=linear.bias is not None,
-                           quant_type=quant["bnb_4bit_quant_type"], compute_dtype=compute_dtype,
-                           double_quant=bool(quant.get("bnb_4bit_use_double_quant"))))
+        replace_module(model, name, Linear4bit(in_features, out_features, bias=linear.bias is not None,
+                                               quant_type=quant["bnb_4bit_quant_type"], compute_dtype=compute_dtype,
+                                               double_quant=bool(quant.get("bnb_4bit_use_double_quant"))))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not _tied(model, k)]
     if missing or unexpected:

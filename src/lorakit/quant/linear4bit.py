@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import FormatError, LorakitError
+from ..module_tree import is_hf_conv1d
 from .codes import QUANT_TYPES
 from .tensor import QuantizedTensor, check_config, quantize
 
@@ -15,23 +16,18 @@ _TENSORS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map"
 _STATS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2 family), recognised without importing transformers."""
-    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers.") for c in type(module).__mro__)
-
-
 def linear_weight(module: nn.Module) -> torch.Tensor | None:
     """The (out_features, in_features) weight of an nn.Linear, or the transposed view of a transformers
     Conv1D's (in, out) weight; None for any other module. Both compute x @ W.T + b, so both quantize alike."""
     if isinstance(module, nn.Linear):
         return module.weight
-    if _is_hf_conv1d(module):
+    if is_hf_conv1d(type(module)):
         return module.weight.T
     return None
 
 
 @dataclass(frozen=True)
-class _Spec:
+class _QuantLayout:
     """The non-tensor half of a QuantizedTensor, passed through autograd unchanged."""
 
     quant_type: str
@@ -66,12 +62,12 @@ class _DequantLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, bias, spec, packed, absmax, quant_map, nested_absmax, nested_quant_map):
-        ctx.spec = spec
+    def forward(ctx, x, bias, layout, packed, absmax, quant_map, nested_absmax, nested_quant_map):
+        ctx.layout = layout
         ctx.save_for_backward(packed, absmax, quant_map, nested_absmax, nested_quant_map)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype  # as F.linear
-        weight = spec.build(packed, absmax, quant_map, nested_absmax, nested_quant_map).dequantize(dtype)
+        weight = layout.build(packed, absmax, quant_map, nested_absmax, nested_quant_map).dequantize(dtype)
         return _linear_not_a_view(x.to(dtype), weight, None if bias is None else bias.to(dtype))
 
     @staticmethod
@@ -79,7 +75,7 @@ class _DequantLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = ctx.spec.build(*ctx.saved_tensors).dequantize(grad_out.dtype)
+            weight = ctx.layout.build(*ctx.saved_tensors).dequantize(grad_out.dtype)
             grad_x = grad_out @ weight
         if ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
@@ -160,9 +156,9 @@ class Linear4bit(nn.Module):
         self.weight_dtype = qt.dtype
         self.nested_offset = qt.nested_offset
 
-    def _spec(self) -> _Spec:
+    def _layout(self) -> _QuantLayout:
         shape = torch.Size((self.out_features, self.in_features))
-        return _Spec(self.quant_type, self.blocksize, shape, self.weight_dtype, self.nested_offset)
+        return _QuantLayout(self.quant_type, self.blocksize, shape, self.weight_dtype, self.nested_offset)
 
     @property
     def double_quant(self) -> bool:
@@ -171,7 +167,7 @@ class Linear4bit(nn.Module):
     @property
     def quantized_weight(self) -> QuantizedTensor:
         """The weight as a QuantizedTensor sharing this module's buffers."""
-        return self._spec().build(*(getattr(self, name) for name in _TENSORS))
+        return self._layout().build(*(getattr(self, name) for name in _TENSORS))
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense (out_features, in_features) weight in `dtype` (default: the dtype it was quantized from)."""
@@ -191,7 +187,7 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return _DequantLinear.apply(x, bias, self._spec(), *(getattr(self, name) for name in _TENSORS))
+        return _DequantLinear.apply(x, bias, self._layout(), *(getattr(self, name) for name in _TENSORS))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -104,7 +104,7 @@ def merge_into_4bit(model: nn.Module) -> MergeReport:
     result would not be finite. For an exact merge use `lk.unload(model, merge=True, dequantize=True)`,
     which returns 16-bit layers instead.
     """
-    from ..adapters import _check_mergeable, unload
+    from ..adapters import check_mergeable, unload
     from ..state import get_state, lora_layers
 
     state = get_state(model)
@@ -113,7 +113,7 @@ def merge_into_4bit(model: nn.Module) -> MergeReport:
     layers = [(name, layer) for name, layer in lora_layers(model) if isinstance(layer, Linear4bit)]
     if not layers:
         raise LorakitError("the model has no 4-bit layers with adapters; merge with lk.unload(model, merge=True)")
-    _check_mergeable(model, skip={name for name, _ in layers})  # the dense layers that unload merges below
+    check_mergeable(model, skip={name for name, _ in layers})  # the dense layers that unload merges below
     merged = [_requantize(name, layer, state.active) for name, layer in layers]
     for (_, layer), (qt, _) in zip(layers, merged):
         layer.lora_teardown()

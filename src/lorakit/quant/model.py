@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import LorakitError
+from ..module_tree import name_matches, replace_module
 from .linear4bit import Linear4bit, linear_weight
 from .tensor import check_config
 
@@ -48,11 +49,7 @@ def quantization_report(model: nn.Module) -> QuantReport:
     return QuantReport(len(layers), dense, quantized, sum(seen.values()))
 
 
-def _matches(name: str, patterns: list[str]) -> bool:
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def _linear_names(model: nn.Module, skip: list[str]) -> list[str]:
+def linear_names(model: nn.Module, skip: list[str]) -> list[str]:
     """Names of the layers `quantize_model` converts: nn.Linear and transformers Conv1D, minus the skipped,
     the output head, MultiheadAttention's projection and tied weights."""
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
@@ -60,7 +57,7 @@ def _linear_names(model: nn.Module, skip: list[str]) -> list[str]:
     owners = {id(child): parent for parent in model.modules() for child in parent.children()}
     names = []
     for name, module in model.named_modules():
-        if linear_weight(module) is None or _matches(name, skip) or module is head:
+        if linear_weight(module) is None or name_matches(skip, name) or module is head:
             continue
         if isinstance(owners.get(id(module)), nn.MultiheadAttention):
             continue  # MultiheadAttention reads out_proj.weight directly, never calls the module
@@ -93,16 +90,14 @@ def quantize_model(
     if isinstance(model, nn.Linear):
         raise LorakitError("quantize_model replaces layers inside a model; for a single nn.Linear use "
                            "Linear4bit.from_linear(linear)")
-    names = _linear_names(model, list(skip))
+    names = linear_names(model, list(skip))
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
         try:
-            layer = Linear4bit.from_linear(parent.get_submodule(child), quant_type, compute_dtype, blocksize,
+            layer = Linear4bit.from_linear(model.get_submodule(name), quant_type, compute_dtype, blocksize,
                                            double_quant)
         except LorakitError as err:
             raise LorakitError(f"cannot quantize {name}: {err}") from err
-        setattr(parent, child, layer)
+        replace_module(model, name, layer)
     logger.info("lorakit: %s", quantization_report(model))
     return model
 
@@ -115,7 +110,5 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         raise LorakitError("dequantize_model replaces layers inside a model; for one layer use layer.to_linear()")
     names = [name for name, module in model.named_modules() if isinstance(module, Linear4bit)]
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, parent.get_submodule(child).to_linear(dtype))
+        replace_module(model, name, model.get_submodule(name).to_linear(dtype))
     return model

@@ -1,4 +1,6 @@
-"""How much memory training will take, from the model's config alone: `lorakit estimate` and `train --dry-run`.
+"""How much memory training will take, measured on the model built from its config alone: the numbers behind
+`lorakit estimate` and `train --dry-run` (their table: estimate_table.py; constants tuned on measured jobs:
+estimate_constants.py).
 
 No weight is read. The model is built on the meta device and adapted exactly as the trainer adapts it
 (LoRA injected; for QLoRA its linear layers swapped for 4-bit ones first), so parameter counts and weight
@@ -25,7 +27,6 @@ import os
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,20 +38,12 @@ from torch.utils._pytree import tree_leaves
 from ..config import LoraConfig
 from ..errors import LorakitError
 from ..inject import inject
+from ..models import load_config
+from .estimate_constants import EVAL_BATCH, HEAP_SLACK, JOB_EXTRAS
 from .loop import amp_dtype
 from .objectives import IGNORE, tail_logits
 
 METHODS = ("lora", "qlora", "full")
-TITLES = {"lora": "LoRA", "qlora": "QLoRA (nf4)", "full": "full fine-tuning"}
-EVAL_BATCH = 64  # prompts per evaluation forward (train/evaluate.py)
-# Peak RSS of training steps on this kind of machine (Linux, glibc malloc, SmolLM2-135M, LoRA, bf16 autocast)
-# exceeded runtime + weights + saved activations by 0.71-0.95x the saved activations: 0.71-0.94 repeating
-# one batch of 8-32 rows x 40-64 tokens, 0.95 over the demo's 60 steps, whose batch lengths vary. glibc
-# serves a step's many mid-sized tensors from its heap and keeps the freed, fragmented space resident.
-HEAP_SLACK = 0.9
-# What a training job holds beside the model that the estimating process does not: the tokenizer, the
-# tokenized data and what from_pretrained leaves behind (104 MiB measured for the default model and data).
-JOB_EXTRAS = 100 * 2**20
 
 
 @dataclass(frozen=True)
@@ -76,7 +69,7 @@ class MemoryEstimate:
 
 
 def estimate(
-    model_spec: str | os.PathLike = "default",
+    source: str | os.PathLike = "default",
     method: str = "lora",
     r: int = 8,
     target: list[str] | str | None = None,
@@ -85,13 +78,13 @@ def estimate(
     precision: str = "auto",
     loss_tokens: int = 2,
 ) -> MemoryEstimate:
-    """Memory to train `model_spec` on CPU with `method` ("lora", "qlora" or "full").
+    """Memory to train `source` on CPU with `method` ("lora", "qlora" or "full").
 
     `seq_len` is the padded length of the longest batch, `loss_tokens` how many trailing tokens of each
     row carry the loss (the trainer computes logits for those only), `precision` as the trainer's.
     """
     _check(method, batch_size, seq_len, loss_tokens)
-    model = _causal_lm_on_meta(model_config(model_spec))
+    model = _causal_lm_on_meta(load_config(source))
     runtime = _resident_bytes()
     parameters = sum(p.numel() for p in _unique(model.parameters()))
     _adapt(model, method, r, target)
@@ -113,59 +106,6 @@ def estimate(
         trainable=sum(p.numel() for p in trainable),
         parameters=parameters,
     )
-
-
-def estimate_table(
-    model_spec: str | os.PathLike = "default",
-    r: int = 8,
-    target: list[str] | str | None = None,
-    batch_size: int = 16,
-    seq_len: int = 48,
-    precision: str = "auto",
-) -> Any:
-    """A rich Table of `estimate` for LoRA, QLoRA and full fine-tuning side by side."""
-    from rich.table import Table
-
-    results = [estimate(model_spec, m, r, target, batch_size, seq_len, precision) for m in METHODS]
-    dtype = amp_dtype(precision, torch.device("cpu"))
-    table = Table(title=f"Memory to train {model_spec} (one CPU process)",
-                  caption=f"batch {batch_size} x {seq_len} tokens, LoRA r={r}, "
-                          f"{'fp32' if dtype is None else str(dtype).removeprefix('torch.') + ' autocast'}; "
-                          "sized from the config, no weights loaded")
-    table.add_column("")
-    for m in METHODS:
-        table.add_column(TITLES[m], justify="right")
-    rows = [("trainable parameters", lambda e: f"{e.trainable:,} ({100 * e.trainable / e.parameters:.2f}%)"),
-            ("weights", lambda e: _size(e.weights)),
-            ("gradients", lambda e: _size(e.gradients)),
-            ("optimizer state (AdamW)", lambda e: _size(e.optimizer)),
-            ("activations", lambda e: _size(e.activations)),
-            (f"evaluation ({EVAL_BATCH} prompts)", lambda e: _size(e.evaluation)),
-            ("allocator and job overhead", lambda e: _size(e.overhead)),
-            ("runtime baseline", lambda e: _size(e.runtime)),
-            ("total (peak RSS)", lambda e: f"[bold]{_size(e.total)}[/bold]")]
-    for label, cell in rows:
-        table.add_row(label, *(cell(e) for e in results))
-    return table
-
-
-def model_config(spec: str | os.PathLike) -> Any:
-    """The transformers config of "default", a Hugging Face folder, a .safetensors file or a .gguf file."""
-    from transformers import AutoConfig
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if str(spec) == "default":
-        from ..models import _default_folder
-
-        return AutoConfig.from_pretrained(_default_folder(), local_files_only=True)
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    folder = path.parent if path.is_file() else path
-    if not (folder / "config.json").is_file():
-        raise LorakitError(f"No config.json for {path}: the estimate needs 'default', a Hugging Face folder, a "
-                           ".safetensors file with config.json beside it, or a .gguf file.")
-    return AutoConfig.from_pretrained(folder, local_files_only=True)
 
 
 def _check(method: str, batch_size: int, seq_len: int, loss_tokens: int) -> None:
@@ -196,11 +136,11 @@ def _adapt(model: nn.Module, method: str, r: int, target: list[str] | str | None
 def _quantize_on_meta(model: nn.Module) -> None:
     """Swap the layers `quantize_model` would quantize for empty nf4 Linear4bit layers (exact sizes, no
     data); the compute dtype is fp32, as the trainer picks on CPU."""
-    from ..adapters import replace_module
+    from ..module_tree import replace_module
     from ..quant.linear4bit import Linear4bit, linear_weight
-    from ..quant.model import _linear_names
+    from ..quant.model import linear_names
 
-    for name in _linear_names(model, ["lm_head"]):
+    for name in linear_names(model, ["lm_head"]):
         linear = model.get_submodule(name)
         out_features, in_features = linear_weight(linear).shape  # GPT-2's Conv1D stores (in, out)
         replace_module(model, name, Linear4bit(in_features, out_features, linear.bias is not None,
@@ -333,6 +273,3 @@ def _resident_bytes() -> int:
 
     return psutil.Process().memory_info().rss
 
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
