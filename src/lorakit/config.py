@@ -102,11 +102,6 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def alpha_for_scaling(scaling: float, r: int, use_rslora: bool = False) -> float:
-    """The alpha that gives `scaling` at rank r: the inverse of `lora_scaling`."""
-    return scaling * (math.sqrt(r) if use_rslora else r)
-
-
 def pattern_matches(pattern: str, module_name: str) -> bool:
     """PEFT's rule for rank/alpha patterns: the regex matches the whole name or a dotted suffix of it."""
     return re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module_name) is not None
