@@ -37,6 +37,12 @@ class Variant:
     merges_against_base: ClassVar[bool] = False  # its merged update depends on the unmerged weight
     inplace_alone: ClassVar[bool] = False  # its in-place path rescales the whole output: no other live adapter
 
+    def __deepcopy__(self, memo: dict) -> Variant:
+        return self  # stateless and shared: a copied model's layers keep the registered object
+
+    def __reduce__(self) -> tuple:
+        return registered_variant, (self.name,)  # pickled by name, unpickled as the registered object
+
     def selects(self, spec: AdapterSpec) -> bool:
         """Whether adapters with these settings are of this variant (plain LoRA takes the rest)."""
         raise NotImplementedError
@@ -102,6 +108,12 @@ def register(variant: Variant) -> Variant:
 
 def registered() -> tuple[Variant, ...]:
     return tuple(_REGISTRY.values())
+
+
+def registered_variant(name: str) -> Variant:
+    if name not in _REGISTRY:
+        raise LorakitError(f"no adapter variant named {name!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
 
 
 def variant_of(spec: AdapterSpec) -> Variant:
