@@ -40,6 +40,10 @@ def read_adapter(folder: str | os.PathLike) -> AdapterFile:
     if not folder.is_dir():
         raise FormatError(f"{folder}: no such adapter folder")
     config_path = folder / CONFIG_NAME
+    if not config_path.is_file() and (folder / "trainer_state.json").is_file():
+        raise FormatError(f"{folder}: a Trainer checkpoint without an adapter folder: its model.safetensors holds the "
+                          "whole model but not the LoRA settings (alpha, patterns); train with callbacks="
+                          "[lorakit.integrations.LorakitCallback()], which writes the adapter into every checkpoint")
     if not config_path.is_file():
         raise FormatError(f"{folder}: {CONFIG_NAME} is missing; is this an adapter folder written by lorakit or PEFT?")
     try:
