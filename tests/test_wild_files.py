@@ -1,5 +1,6 @@
-"""PEFT 0.21 folders across its options: each loads into lorakit with PEFT's outputs, or is refused naming the
-option with the model untouched; lorakit's own folders keep every trained tensor (biases included)."""
+"""Common PEFT 0.21 folders (classification heads, nested modules_to_save, saved embedding layers) load with
+PEFT's outputs; lorakit's own folders keep every trained tensor (biases included) under PEFT's names.
+The option-by-option table is tests/test_peft_options.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 import lorakit as lk
-from test_refusals import assert_same, fingerprint
 from tiny_models import VOCAB, _gpt2, _ids, _llama, randomize_adapters
 
 peft = pytest.importorskip("peft")
@@ -59,18 +59,13 @@ def _seq_cls_roberta():
                                                           num_attention_heads=4, vocab_size=VOCAB, num_labels=3))
 
 
-# one row per PEFT folder that lorakit loads exactly: (model, PEFT LoraConfig kwargs)
+# common folders lorakit loads exactly: (model, PEFT LoraConfig kwargs)
 SUPPORTED = {
-    "bias-all-gpt2": (_gpt2, dict(target_modules=["c_attn", "c_fc"], bias="all")),
-    "bias-lora_only-gpt2": (_gpt2, dict(target_modules=["c_attn"], bias="lora_only")),
     "seq-cls-llama": (_seq_cls_llama, dict(task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"])),
     "tok-cls-gpt2": (_tok_cls_gpt2, dict(task_type="TOKEN_CLS", target_modules=["c_attn"])),
     "seq-cls-bert": (_seq_cls_bert, dict(task_type="SEQ_CLS", target_modules=["query", "value"])),
     "seq-cls-roberta-nested": (_seq_cls_roberta, dict(task_type="SEQ_CLS", target_modules=["query", "value"])),
     "embeddings-saved": (_llama, dict(target_modules=["q_proj", "embed_tokens", "lm_head"])),
-    "init-eva-file": (_llama, dict(target_modules=["q_proj"])),  # config edited below: eva trains plainly
-    "init-orthogonal": (_llama, dict(target_modules=["q_proj"], init_lora_weights="orthogonal")),
-    "init-false": (_llama, dict(target_modules=["q_proj"], init_lora_weights=False)),
 }
 
 
@@ -83,12 +78,6 @@ def test_peft_folder_loads_exactly(row, tmp_path):
     _randomize_peft(theirs)
     theirs.eval()
     theirs.save_pretrained(tmp_path, save_embedding_layers="auto")
-    if row == "init-eva-file":
-        import json
-
-        config = json.loads((tmp_path / "adapter_config.json").read_text())
-        config["init_lora_weights"] = "eva"
-        (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     ours = lk.load(copy.deepcopy(base), tmp_path).eval()
     ids = _ids(2)
     torch.testing.assert_close(_out(ours, ids), _out(theirs, ids), atol=ATOL, rtol=0)
@@ -132,35 +121,6 @@ def test_nested_modules_to_save_written_by_lorakit_loads(tmp_path):
     lk.save(model, tmp_path)
     ids = _ids(2)
     torch.testing.assert_close(_out(lk.load(copy.deepcopy(base), tmp_path), ids), _out(model, ids), atol=0, rtol=0)
-
-
-# one row per PEFT option lorakit refuses: (model, PEFT LoraConfig kwargs, the option the error must name)
-REFUSED = {
-    "lora_bias": (_llama, dict(target_modules=["q_proj"], lora_bias=True), "lora_bias"),
-    "alora": (_llama, dict(target_modules=["q_proj"], alora_invocation_tokens=[3, 4]), "alora_invocation_tokens"),
-    "olora": (_llama, dict(target_modules=["q_proj"], init_lora_weights="olora"), "olora"),
-    "pissa_niter": (_llama, dict(target_modules=["q_proj"], init_lora_weights="pissa_niter_2"), "pissa_niter_2"),
-    "target_parameters": (_gpt2, dict(target_modules=[], target_parameters=["attn.c_proj.weight"]),
-                          "target_parameters"),
-    "trainable_tokens": (_llama, dict(target_modules=["q_proj"], trainable_token_indices=[1, 2]),
-                         "trainable_token_indices"),
-    "layer_replication": (_llama, dict(target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]]),
-                          "layer_replication"),
-}
-
-
-@pytest.mark.parametrize("row", list(REFUSED))
-def test_peft_option_is_refused_by_name(row, tmp_path):
-    build, kwargs, option = REFUSED[row]
-    torch.manual_seed(0)
-    base = build().eval()
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=5, **kwargs))
-    theirs.save_pretrained(tmp_path)
-    model = copy.deepcopy(base)
-    before = fingerprint(model)
-    with pytest.raises(lk.FormatError, match=option):
-        lk.load(model, tmp_path)
-    assert_same(before, fingerprint(model))
 
 
 def test_embedding_rows_mismatch_names_the_fix(tmp_path):

@@ -34,7 +34,6 @@ HARMLESS = {
     "eva_config": "used only to start training (init_lora_weights='eva'); the file holds the trained A and B",
     "corda_config": "used only with init_lora_weights='corda' (refused)",
     "lora_ga_config": "used only with init_lora_weights='lora_ga' (refused)",
-    "velora_config": "a training-memory option (VeLoRA gradient compression); the forward is plain LoRA",
     "qalora_group_size": "used only with use_qalora (refused unless false)",
     "runtime_config": "PEFT's runtime settings (GPU offload), not part of the adapter",
 }
@@ -61,6 +60,7 @@ DEFAULT_ONLY: dict[str, tuple[Callable[[Any], bool], str]] = {
     "kasa_config": (_empty, "KaSA (singular-value-adapted LoRA) is not supported"),
     "monteclora_config": (_empty, "MonteCLoRA is not supported"),
     "ensure_weight_tying": (_empty, "tied adapters on tied embeddings are not supported"),
+    "velora_config": (_empty, "VeLoRA is a PEFT layer variant lorakit does not implement"),
 }
 
 # init_lora_weights values whose file holds the whole update against the unmodified base.
