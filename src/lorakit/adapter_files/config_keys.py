@@ -87,18 +87,18 @@ def check_keys(config: dict[str, Any], path: Path) -> None:
         if key in DEFAULT_ONLY:
             ok, why = DEFAULT_ONLY[key]
             if not ok(value):
-                problems.append(f"{key}={value!r}: {why}")
+                problems.append(f"{key} is {value!r}: {why}")
             continue
-        problems.append(f"{key}={value!r}: an option lorakit does not know; it may change what the adapter "
+        problems.append(f"{key} is {value!r}: an option lorakit does not know; it may change what the adapter "
                         "computes, so the file is refused (load it with the tool that wrote it)")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower() in REFUSED_INITS:
-        problems.append(f"init_lora_weights={init!r}: {REFUSED_INITS[init.lower()]}")
+        problems.append(f"init_lora_weights is {init!r}: {REFUSED_INITS[init.lower()]}")
     elif isinstance(init, str) and PISSA_NITER.fullmatch(init):
-        problems.append(f"init_lora_weights={init!r}: the tensors go with a residual from a randomized SVD that "
+        problems.append(f"init_lora_weights is {init!r}: the tensors go with a residual from a randomized SVD that "
                         "cannot be repeated; convert the adapter where it was trained (PEFT: save_pretrained("
                         "path_initial_model_for_weight_conversion=...); lorakit: lk.save)")
     elif init not in PLAIN_INITS and init != "pissa" and not (isinstance(init, str) and init.lower() in REFUSED_INITS):
-        problems.append(f"init_lora_weights={init!r}: an initialisation lorakit does not know")
+        problems.append(f"init_lora_weights is {init!r}: an initialisation lorakit does not know")
     if problems:
         raise FormatError(f"{path}: this adapter uses options lorakit does not support:\n  " + "\n  ".join(problems))
