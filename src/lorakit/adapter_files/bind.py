@@ -137,7 +137,7 @@ def _place_tensor(model: nn.Module, modules: dict[str, nn.Module], key: str, ten
 def _place_base(model: nn.Module, modules: dict[str, nn.Module], key: str, module_name: str, param: str,
                 tensor: Tensor, cfg: LoraConfig, placement: Placement) -> None:
     module = modules.get(module_name)
-    bias = param == "bias" and cfg.bias != "none"
+    bias = "bias" in param and cfg.bias != "none"  # the parameters bias="all" trains, as PEFT names them
     embedding = param == "weight" and module is not None and _is_embedding(model, module)
     if not (bias or embedding):
         placement.problems.append(
