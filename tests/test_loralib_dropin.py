@@ -161,3 +161,14 @@ def test_import_lorakit_nn_as_lora_runs_loralib_code():
     torch.save(lora.lora_state_dict(model), "/dev/null")
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         "0.lora_A.default", "0.lora_B.default", "2.lora_A.default", "2.lora_B.default"}
+
+
+def test_loralib_attributes_leave_a_subclass_own_attributes_alone():
+    class Scaled(nn.Linear):
+        scaling = 3.0
+
+        def forward(self, x):
+            return super().forward(x) * self.scaling
+
+    model = lk.inject(nn.Sequential(Scaled(4, 4)), lk.LoraConfig(r=2, target_modules=["0"]))
+    assert model[0].scaling == 3.0 and model[0].r == 2

@@ -22,11 +22,14 @@ def _identity(x: Tensor) -> Tensor:
 
 
 def _attribute(name: str, read: Callable[[Any, AdapterSpec | None], Any]) -> property:
-    """A loralib attribute read from the layer's own adapter; a value the module set itself stays its own."""
+    """A loralib attribute read from the layer's own adapter; a value the module or its original class defines
+    (a user's nn.Linear subclass with its own `scaling`) stays its own."""
 
     def get(self: Any) -> Any:
         if name in self.__dict__:
             return self.__dict__[name]
+        if hasattr(self.lora_base_class, name):
+            return getattr(self.lora_base_class, name)
         return read(self, self.lora_adapters.get(LORALIB_ADAPTER))
 
     def set_(self: Any, value: Any) -> None:
