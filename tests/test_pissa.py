@@ -157,7 +157,7 @@ def test_converted_file_equals_peft_conversion(tmp_path):
             other.lora_B["default"].weight.copy_(layer.lora_B["default"])
     theirs.save_pretrained(tmp_path / "peft", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
     lk.save(ours, tmp_path / "ours")
-    mine, their_file = lk.io.read_adapter(tmp_path / "ours"), lk.io.read_adapter(tmp_path / "peft")
+    mine, their_file = lk.adapter_files.read_adapter(tmp_path / "ours"), lk.adapter_files.read_adapter(tmp_path / "peft")
     for key in ("r", "lora_alpha", "init_lora_weights", "rank_pattern", "alpha_pattern"):
         assert mine.config[key] == their_file.config[key], key
     assert mine.pairs.keys() == their_file.pairs.keys()

@@ -15,7 +15,7 @@ from .adapters import (
 from .config import LoraConfig
 from .errors import FormatError, LorakitError
 from .inject import add_adapter, inject
-from .io import adapter_state_dict, load, load_loralib, save
+from .adapter_files import adapter_state_dict, load, load_loralib, save
 from .loralib import lora_state_dict, mark_only_lora_as_trainable
 from .quant import dequantize_model, quantization_report, quantize_model
 

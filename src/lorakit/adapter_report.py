@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .io import read_adapter
+from .adapter_files import read_adapter
 from .config import lora_scaling, pattern_value
 
 

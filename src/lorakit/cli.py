@@ -72,7 +72,7 @@ def merge(model: str = typer.Option("default", help="base model: 'default', a Hu
           out: Path = typer.Option(..., help="output folder: a plain Hugging Face model"),
           dtype: Optional[str] = typer.Option(None, help="weights dtype of the output: fp32, bf16 or fp16")) -> None:
     """Fold an adapter into its base and write a Hugging Face folder that needs no lorakit to load."""
-    from . import io
+    from . import adapter_files as io
     from .adapters import unload
     from .models import load_base_model, save_hf_folder
 
@@ -213,7 +213,7 @@ def generate(
     """Greedy continuation of a prompt by a base model, optionally with an adapter (merged or not)."""
     import torch
 
-    from . import io
+    from . import adapter_files as io
     from .adapters import merge as merge_adapter
     from .models import load_base_model
 

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
+import torch
 from torch import nn
 
 from . import pissa
@@ -179,14 +180,59 @@ def _plan_saved(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module
 
 def _commit(model: nn.Module, cfg: LoraConfig, adapter: str, targets: list[_Target],
             saved: list[tuple[str, nn.Module]]) -> nn.Module:
-    """Apply a checked plan: a first adapter becomes active and trainable, later ones neither."""
+    """Apply a checked plan: a first adapter becomes active and trainable, later ones neither. Should any
+    step still fail, everything done so far is undone, so a refusal leaves the model as it was."""
     state = find_state(model)
-    if state is None:
-        setattr(model, STATE_ATTRIBUTE, LorakitState())
-    _apply(model, cfg, adapter, targets, saved)
-    set_active(model, state.active if state else adapter)
-    set_trainable(model, state.trainable if state else adapter)
+    undo = _Undo(model, cfg, adapter, targets, saved)
+    try:
+        if state is None:
+            setattr(model, STATE_ATTRIBUTE, LorakitState())
+        _apply(model, cfg, adapter, targets, saved)
+        set_active(model, state.active if state else adapter)
+        set_trainable(model, state.trainable if state else adapter)
+    except BaseException:
+        undo.restore()
+        raise
     return model
+
+
+class _Undo:
+    """What `_commit` may change (classes, wrappers, bookkeeping, requires_grad, PiSSA's base weights), recorded
+    before it starts so a failure half-way can put it back."""
+
+    def __init__(self, model: nn.Module, cfg: LoraConfig, adapter: str, targets: list[_Target],
+                 saved: list[tuple[str, nn.Module]]) -> None:
+        self.model, self.adapter, self.targets, self.saved = model, adapter, targets, saved
+        self.state = find_state(model)
+        self.settings = (self.state.active, self.state.trainable) if self.state else None
+        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self.layer_active = {id(t.module): getattr(t.module, "lora_active", ()) for t in targets}
+        self.weights = {id(t.module): t.module.weight.detach().clone()
+                        for t in targets if pissa.is_pissa(cfg.init)}
+
+    def restore(self) -> None:
+        for target in self.targets:
+            module = target.module
+            if target.lora_class is not None and isinstance(module, LoraLayer):
+                module.lora_teardown()
+            elif target.lora_class is None and self.adapter in module.lora_adapters:
+                module.lora_delete(self.adapter)
+                module.lora_set_active(self.layer_active[id(module)])
+            if id(module) in self.weights:
+                with torch.no_grad():
+                    module.weight.copy_(self.weights[id(module)])
+        for name, module in self.saved:
+            if isinstance(module, ModulesToSave):
+                module.modules_to_save.pop(self.adapter, None)
+            elif self.model.get_submodule(name) is not module:
+                replace_module(self.model, name, module)
+        if self.state is None:
+            self.model.__dict__.pop(STATE_ATTRIBUTE, None)
+        else:
+            self.state.configs.pop(self.adapter, None)
+            self.state.active, self.state.trainable = self.settings
+        for param, flag in self.requires_grad:
+            param.requires_grad = flag
 
 
 def _apply(model: nn.Module, cfg: LoraConfig, adapter: str, targets: list[_Target],

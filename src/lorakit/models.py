@@ -20,6 +20,7 @@ import torch
 
 from lorakit.errors import FormatError, LorakitError
 
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded default's public id on the hub
 TASKS = {
     "causal-lm": "AutoModelForCausalLM",
     "sequence-classification": "AutoModelForSequenceClassification",
@@ -50,7 +51,9 @@ def load_base_model(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     auto = _auto_class(task)
     if str(source) == "default":
-        return _load_hf_folder(default_folder(), auto, dtype, config_overrides)
+        model, tokenizer = _load_hf_folder(default_folder(), auto, dtype, config_overrides)
+        model.config.name_or_path = DEFAULT_MODEL_ID  # what adapters record as their base, not the cache folder
+        return model, tokenizer
     path = Path(source).expanduser()
     if not path.exists():
         raise LorakitError(f"No model at {path}: {EXPECTED}.")

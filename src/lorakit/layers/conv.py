@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -43,41 +41,19 @@ class ConvKind(LoraLayer):
         return self.weight.flatten(1)
 
 
-def _loralib_conv_init(self: ConvKind, base: type[nn.Module], r: int, lora_alpha: float, lora_dropout: float,
-                       merge_weights: bool, args: tuple, kwargs: dict) -> None:
-    base.__init__(self, *args, **kwargs)
-    self.lora_setup(merge_on_eval=merge_weights)
-    if r > 0:
-        self.lora_add("default", AdapterSpec(r=r, alpha=lora_alpha, dropout=lora_dropout))
-        self.lora_set_active(["default"])
-        self.weight.requires_grad = False
-
-
 class Conv1d(ConvKind, nn.Conv1d):
-    """nn.Conv1d with adapters; constructed directly it takes loralib's r / lora_alpha / lora_dropout."""
+    """nn.Conv1d with adapters in PEFT's layout, as `lk.inject` swaps them (lk.nn.Conv1d is loralib's)."""
 
     lora_base_class = nn.Conv1d
 
-    def __init__(self, *args: Any, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
-                 merge_weights: bool = True, **kwargs: Any) -> None:
-        _loralib_conv_init(self, nn.Conv1d, r, lora_alpha, lora_dropout, merge_weights, args, kwargs)
-
 
 class Conv2d(ConvKind, nn.Conv2d):
-    """nn.Conv2d with adapters; constructed directly it takes loralib's r / lora_alpha / lora_dropout."""
+    """nn.Conv2d with adapters in PEFT's layout, as `lk.inject` swaps them (lk.nn.Conv2d is loralib's)."""
 
     lora_base_class = nn.Conv2d
 
-    def __init__(self, *args: Any, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
-                 merge_weights: bool = True, **kwargs: Any) -> None:
-        _loralib_conv_init(self, nn.Conv2d, r, lora_alpha, lora_dropout, merge_weights, args, kwargs)
-
 
 class Conv3d(ConvKind, nn.Conv3d):
-    """nn.Conv3d with adapters; constructed directly it takes loralib's r / lora_alpha / lora_dropout."""
+    """nn.Conv3d with adapters in PEFT's layout, as `lk.inject` swaps them (lk.nn.Conv3d is loralib's)."""
 
     lora_base_class = nn.Conv3d
-
-    def __init__(self, *args: Any, r: int = 0, lora_alpha: float = 1, lora_dropout: float = 0.0,
-                 merge_weights: bool = True, **kwargs: Any) -> None:
-        _loralib_conv_init(self, nn.Conv3d, r, lora_alpha, lora_dropout, merge_weights, args, kwargs)

@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 from ..errors import LorakitError
 from .core import AdapterSpec, LoraLayer
+from .loralib_style import LoralibAttributes, use_loralib_keys
 
 
-class Embedding(LoraLayer, nn.Embedding):
+class Embedding(LoralibAttributes, LoraLayer, nn.Embedding):
     """nn.Embedding with adapters; also loralib's `lora.Embedding` when constructed directly."""
 
     lora_base_class = nn.Embedding
@@ -28,6 +29,7 @@ class Embedding(LoraLayer, nn.Embedding):
     ) -> None:
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         self.lora_setup(merge_on_eval=merge_weights)
+        use_loralib_keys(self)
         if r > 0:
             self.lora_add("default", AdapterSpec(r=r, alpha=lora_alpha))
             self.lora_set_active(["default"])

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..errors import LorakitError
 from .core import AdapterSpec, LoraLayer
+from .loralib_style import LoralibAttributes, use_loralib_keys
 
 
 class LinearKind(LoraLayer):
@@ -45,7 +46,7 @@ class LinearKind(LoraLayer):
         return self.weight.T if self.fan_in_fan_out else self.weight
 
 
-class Linear(LinearKind, nn.Linear):
+class Linear(LoralibAttributes, LinearKind, nn.Linear):
     """nn.Linear with adapters; also loralib's `lora.Linear` when constructed directly.
 
     With `merge_weights=True` (loralib's default) `eval()` folds the adapter into the weight and
@@ -67,6 +68,7 @@ class Linear(LinearKind, nn.Linear):
     ) -> None:
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         self.lora_setup(merge_on_eval=merge_weights)
+        use_loralib_keys(self)
         if fan_in_fan_out:
             self.fan_in_fan_out = True
             self.weight.data = self.weight.data.T.contiguous()

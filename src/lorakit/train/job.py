@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .. import adapters, io
+from .. import adapter_files as io, adapters
 from ..config import LoraConfig
 from ..errors import LorakitError
 from ..inject import inject
