@@ -127,12 +127,13 @@ def save(model: nn.Module, out_dir: str | os.PathLike, adapter: str | list[str] 
     """
     out_dir = Path(out_dir)
     names = _adapter_names(model) if adapter is None else [adapter] if isinstance(adapter, str) else list(adapter)
-    for name in names:
-        folder = out_dir if isinstance(adapter, str) or name == "default" else out_dir / name
-        tensors = {k: v.cpu() for k, v in adapter_state_dict(model, name, dtype, convert_pissa).items()}
-        config = adapter_config(model, name, convert_pissa)
-        atomic.write_bytes(folder / WEIGHTS_NAME, save_safetensors(tensors, metadata={"format": "pt"}))
-        atomic.write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with atomic.atomic_folder(out_dir, keep_other_files=True) as staging:  # the folder changes as one unit
+        for name in names:
+            folder = staging if isinstance(adapter, str) or name == "default" else staging / name
+            tensors = {k: v.cpu() for k, v in adapter_state_dict(model, name, dtype, convert_pissa).items()}
+            config = adapter_config(model, name, convert_pissa)
+            atomic.write_bytes(folder / WEIGHTS_NAME, save_safetensors(tensors, metadata={"format": "pt"}))
+            atomic.write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir
 
 
