@@ -47,7 +47,7 @@ ROWS = {
 
 
 def _cfg(tiny_model, data, out, **overrides) -> JobConfig:
-    return JobConfig(**{"model": tiny_model, "data": str(data), "out": str(out), "steps": 4, "batch_size": 4,
+    return JobConfig.of(**{"model": tiny_model, "data": str(data), "out": str(out), "steps": 4, "batch_size": 4,
                         "lr": 5e-3, "precision": "fp32", "target": ["q_proj", "v_proj"], **overrides})
 
 
@@ -95,7 +95,7 @@ def test_variants_train_and_save(variant, tiny_model, tmp_path):
 
 def _trainer(tiny_model, data, out, on_step=None):
     cfg = _cfg(tiny_model, data, out, dropout=0.2, save_every=2, steps=7)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.train.seed)
     model, _, prepared = prepare(cfg, torch.device("cpu"))
     settings = TrainSettings(steps=7, batch_size=4, lr=5e-3, save_every=2, precision="fp32")
     return model, Trainer(model, prepared.train, prepared.collate, prepared.loss_fn, settings, out,
@@ -158,11 +158,11 @@ def test_config_file_and_flags(tiny_model, tmp_path):
     (tmp_path / "run.yaml").write_text("r: 4\nlr: 0.01\ntarget: q_proj,k_proj\ndata: my.jsonl\n")
     (tmp_path / "run.toml").write_text('r = 2\nbatch-size = 32\n')
     cfg = job_config({"steps": 60}, tmp_path / "run.yaml", {"lr": 0.02})
-    assert (cfg.r, cfg.lr, cfg.target, cfg.steps) == (4, 0.02, ["q_proj", "k_proj"], None)
+    assert (cfg.lora.r, cfg.train.lr, cfg.lora.target_modules, cfg.train.steps) == (4, 0.02, ["q_proj", "k_proj"], None)
     cfg = job_config({"steps": 60}, tmp_path / "run.toml", {})
-    assert (cfg.r, cfg.batch_size, cfg.steps) == (2, 32, 60)  # default data keeps the demo preset
+    assert (cfg.lora.r, cfg.train.batch_size, cfg.train.steps) == (2, 32, 60)  # default data keeps the demo preset
     (tmp_path / "bad.yaml").write_text("rank: 4\n")
-    with pytest.raises(lk.LorakitError, match="unknown settings \\['rank'\\]"):
+    with pytest.raises(lk.LorakitError, match="unknown setting 'rank'"):
         job_config({}, tmp_path / "bad.yaml", {})
 
 

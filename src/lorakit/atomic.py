@@ -65,6 +65,22 @@ def atomic_folder(path: str | os.PathLike, keep_other_files: bool = False) -> It
         raise
 
 
+def check_writable_folder(path: str | os.PathLike, what: str) -> None:
+    """`path` is (or can be made) a folder this process can write files in; else a LorakitError naming `what`."""
+    from .errors import LorakitError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LorakitError(f"{what} {path} is a file, not a folder; choose a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test."):
+            pass
+    except OSError as exc:
+        raise LorakitError(f"{what} {path} is not writable ({exc.strerror or exc}); choose a folder you can write "
+                           "to, or fix its permissions") from None
+
+
 def temporaries(path: str | os.PathLike) -> list[Path]:
     """Leftovers of interrupted writes of `path`: `.<name>.new-*`, `.<name>.old-*` and file temporaries."""
     path = Path(path)

@@ -136,19 +136,20 @@ def train(
     save_every: Optional[int] = typer.Option(None, help="checkpoint every N steps for --resume"),
     precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16 or fp16"),
     gradient_checkpointing: Optional[bool] = typer.Option(None, help="recompute activations to save memory"),
-    resume: bool = typer.Option(False, help="continue from the last checkpoint in --out"),
-    dry_run: bool = typer.Option(False, help="print the memory estimate and stop"),
-    nproc: int = typer.Option(1, help="processes on this machine (runs torchrun for you)"),
+    resume: Optional[bool] = typer.Option(None, "--resume", help="continue the run in --out from its last checkpoint"),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="delete the earlier run in --out first"),
+    dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="print the memory estimate and stop"),
+    nproc: Optional[int] = typer.Option(None, help="processes on this machine (runs torchrun for you)"),
 ) -> None:
     """Fine-tune with LoRA; with no arguments, the embedded default model on the default data."""
-    flags = {k: v for k, v in locals().items() if k not in ("config", "resume", "dry_run", "nproc") and v is not None}
+    flags = {k: v for k, v in locals().items() if k != "config" and v is not None}
     from .train.config_file import job_config
 
-    cfg = job_config(DEMO_PRESET, config, flags | {"resume": resume})
-    if nproc > 1:
-        _relaunch_with_torchrun(nproc)
+    cfg = job_config(DEMO_PRESET, config, flags)  # every setting checked before anything loads
+    if cfg.nproc > 1:
+        _relaunch_with_torchrun(cfg.nproc)
         return
-    if dry_run:
+    if cfg.dry_run:
         _print_estimate(cfg)
         return
     from .train.job import run_job
@@ -191,7 +192,7 @@ def evaluate(
     """Held-out accuracy (or loss) of a base model, or of a base with an adapter, merged or not."""
     from .train.job import JobConfig, evaluate_job
 
-    cfg = JobConfig(model=model, data=data, eval_data=eval_data, eval_size=eval_size, precision=precision)
+    cfg = JobConfig.of(model=model, data=data, eval_data=eval_data, eval_size=eval_size, precision=precision)
     metrics = evaluate_job(cfg, adapter=str(adapter) if adapter else None, merged=merged)
     table = Table(title=f"lorakit eval: {model}" + (f" + {adapter}" + (" (merged)" if merged else "") if adapter else ""))
     table.add_column("metric")
@@ -236,7 +237,8 @@ def generate(
 def _print_estimate(cfg) -> None:
     from .train.estimate import estimate_table
 
-    console.print(estimate_table(cfg.model, r=cfg.r, target=cfg.target, batch_size=cfg.batch_size,
+    console.print(estimate_table(cfg.model, r=cfg.lora.r, target=cfg.lora.target_modules,
+                                 batch_size=cfg.train.batch_size,
                                  seq_len=min(cfg.max_length, 64 if cfg.data == "default" else cfg.max_length)))
 
 

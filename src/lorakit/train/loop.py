@@ -24,6 +24,7 @@ from ..optim import param_groups, warmup_cosine
 from . import checkpoint, distributed
 from .data import batch_order, shard
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LossFn = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, int]]
 
 
@@ -47,12 +48,39 @@ class TrainSettings:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise LorakitError(f"batch_size and grad_accum must be >= 1, got {self.batch_size}, {self.grad_accum}")
-        if self.steps is not None and self.steps < 1:
-            raise LorakitError(f"steps must be >= 1, got {self.steps}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise LorakitError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        """Types and ranges, so a bad value fails here and not steps into a run."""
+        for name in ("batch_size", "grad_accum"):
+            _check_number(name, getattr(self, name), integer=True, low=1)
+        if self.steps is not None:
+            _check_number("steps", self.steps, integer=True, low=1)
+        for name in ("eval_every", "save_every"):
+            _check_number(name, getattr(self, name), integer=True, low=0)
+        _check_number("seed", self.seed, integer=True, low=0, high=2**32 - 1)
+        _check_number("epochs", self.epochs, low=0, open_low=True)
+        _check_number("lr", self.lr, low=0, open_low=True)
+        _check_number("lora_plus_ratio", self.lora_plus_ratio, low=0, open_low=True)
+        _check_number("weight_decay", self.weight_decay, low=0)
+        _check_number("warmup_ratio", self.warmup_ratio, low=0, high=1, open_high=True)
+        if self.max_grad_norm is not None:
+            _check_number("max_grad_norm", self.max_grad_norm, low=0, open_low=True)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise LorakitError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
+        if self.precision not in PRECISIONS:
+            raise LorakitError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+def _check_number(name: str, value: Any, integer: bool = False, low: float | None = None, high: float | None = None,
+                  open_low: bool = False, open_high: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    bad = isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
+        or (low is not None and (value <= low if open_low else value < low)) \
+        or (high is not None and (value >= high if open_high else value > high))
+    if bad:
+        lower = "" if low is None else f"{'>' if open_low else '>='} {low}"
+        upper = "" if high is None else f"{'<' if open_high else '<='} {high}"
+        bounds = " and ".join(b for b in (lower, upper) if b)
+        kind = "an integer" if integer else "a number"
+        raise LorakitError(f"{name} must be {kind}{' ' + bounds if bounds else ''}, got {value!r}")
 
 
 @dataclass
