@@ -121,8 +121,29 @@ def test_resume_after_a_kill_ends_with_the_same_adapter(tiny_model, tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_a_batch_loss_is_the_token_weighted_mean_of_its_rows_alone(tiny_model):
+    """Left padding must not add targets: the first real token of a padded row is not predicted from a pad."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.train import data
+    from lorakit.train.objectives import causal_lm_loss, target_count
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [{"text": text} for text in ("a", "dull and far too long, the worst film of the year", "the best cast")]
+    examples = data.tokenize(rows, tokenizer, "text", 64).examples
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        total, count = causal_lm_loss(model, data.collate(examples, pad, "left"))
+        alone = [causal_lm_loss(model, data.collate([example], pad, "left")) for example in examples]
+    assert count == sum(n for _, n in alone) == sum(len(e["input_ids"]) - 1 for e in examples)
+    assert count == target_count(data.collate(examples, pad, "left"))
+    torch.testing.assert_close(total / count, sum(loss for loss, _ in alone) / count, rtol=1e-6, atol=1e-6)
+
+
 def test_two_gloo_processes_match_one(tiny_model, tmp_path):
-    write_jsonl(tmp_path / "data.jsonl", ROWS["prompt_completion"])
+    """Text rows of many lengths: the two processes' batches are padded differently from the one's."""
+    write_jsonl(tmp_path / "data.jsonl", [{"text": f"{t} {'and more ' * (i % 5)}"} for i, (t, _) in enumerate(REVIEWS)])
     common = ["train", "--model", tiny_model, "--data", str(tmp_path / "data.jsonl"), "--steps", "3",
               "--batch-size", "8", "--lr", "5e-3", "--precision", "fp32", "--target", "q_proj,v_proj",
               "--eval-every", "0"]
@@ -131,6 +152,9 @@ def test_two_gloo_processes_match_one(tiny_model, tmp_path):
         proc = subprocess.run([sys.executable, "-m", "lorakit", *common, "--out", str(tmp_path / name), *extra],
                               capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
+    first_loss = [json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+                  for name in ("one", "two")]
+    assert first_loss[1] == pytest.approx(first_loss[0], rel=1e-6, abs=0)
     one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     two = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
     assert one.keys() == two.keys()

@@ -129,8 +129,7 @@ def prepare(cfg: JobConfig, device: torch.device, adapter: str | None = None) ->
     """Load model and data, apply a new adapter (or load `adapter`) and quantization, build the task."""
     from ..models import load_base_model
 
-    train_records, eval_records = _records(cfg)
-    fmt = data.detect_format(train_records, origin=cfg.data)
+    fmt, train_records, eval_records = _records(cfg)
     task = _task(cfg.task, fmt)
     labels = sorted({str(r["label"]) for r in train_records}) if task == "classification" else []
     overrides = {"num_labels": len(labels)} if labels else {}
@@ -167,24 +166,34 @@ def prepare(cfg: JobConfig, device: torch.device, adapter: str | None = None) ->
                                       n_eval=len(eval_records))
 
 
-def _records(cfg: JobConfig) -> tuple[list[dict], list[dict]]:
+def _records(cfg: JobConfig) -> tuple[str, list[dict], list[dict]]:
+    """(format, training rows, held-out rows); every row is checked before the split, so an error names its
+    file and line rather than a position in the shuffled split."""
     if cfg.data == "default":
         train, test = sentiment.load_splits(seed=0)
         to_record = lambda e: {"prompt": e.prompt, "completion": e.answer}  # noqa: E731
         train_records, eval_records = [to_record(e) for e in train], [to_record(e) for e in test]
+        fmt = "prompt_completion"
     else:
-        train_records = data.load_records(cfg.data)
+        rows = data.load_records(cfg.data)
+        fmt = data.detect_format(rows, origin=cfg.data)
         if cfg.eval_data:
-            eval_records = data.load_records(cfg.eval_data)
+            train_records, eval_records = rows, data.load_records(cfg.eval_data)
+            eval_fmt = data.detect_format(eval_records, origin=cfg.eval_data)
+            if eval_fmt != fmt:
+                raise LorakitError(f"--eval-data {cfg.eval_data} is in the {eval_fmt} format but --data {cfg.data} "
+                                   f"is in the {fmt} format; give both files the same fields")
+        elif len(rows) < 2:
+            raise LorakitError(f"{cfg.data} has one row, and it went to the held-out split (a seeded 10%, at least "
+                               "one row), leaving nothing to train on; add rows or pass --eval-data")
         else:  # hold out a seeded 10% (at most 1,000 rows)
-            order = list(range(len(train_records)))
+            order = list(range(len(rows)))
             random.Random(cfg.train.seed).shuffle(order)
             n_eval = min(1000, max(1, len(order) // 10))
-            eval_records = [train_records[i] for i in order[:n_eval]]
-            train_records = [train_records[i] for i in order[n_eval:]]
+            eval_records, train_records = rows.subset(order[:n_eval]), rows.subset(order[n_eval:])
     if cfg.eval_size:
         eval_records = eval_records[:cfg.eval_size]
-    return train_records, eval_records
+    return fmt, train_records, eval_records
 
 
 def _choice_task(records: list[dict], tokenizer: Any, fmt: str, max_length: int) -> ChoiceTask | None:
@@ -204,9 +213,9 @@ def _choice_task(records: list[dict], tokenizer: Any, fmt: str, max_length: int)
 
 
 def _prompt_ids(example: dict[str, list[int]]) -> list[int]:
-    """The prompt part of a tokenized prompt/completion example (labels are -100 there)."""
+    """The prompt part of a tokenized prompt/completion example (labels are IGNORE_INDEX there)."""
     ids, labels = example["input_ids"], example["labels"]
-    end = next((i for i, label in enumerate(labels) if label != -100), len(ids))
+    end = next((i for i, label in enumerate(labels) if label != data.IGNORE_INDEX), len(ids))
     return list(ids[:end])
 
 

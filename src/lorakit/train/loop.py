@@ -9,7 +9,6 @@ tokens, so one process and N processes compute the same update.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,12 +18,17 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .. import atomic
 from ..errors import LorakitError
 from ..optim import param_groups, warmup_cosine
 from . import checkpoint, distributed
-from .data import batch_order, shard
+from .metrics import METRICS, strict_json
+from .objectives import target_count
+from .batching import batch_order, shard
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Settings a resumed run may change: they steer evaluation, saving and speed, not what is learned.
+RESUMABLE_CHANGES = ("eval_every", "save_every", "precision", "gradient_checkpointing")
 LossFn = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, int]]
 
 
@@ -126,6 +130,8 @@ class Trainer:
 
     # ---- public ------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:
+        if not resume:
+            self._start_metrics()
         step, history = self._resume() if resume else (0, [])
         result = TrainResult(steps=step, seconds=0.0, tokens=0, history=history)
         start = time.perf_counter()
@@ -142,6 +148,9 @@ class Trainer:
                         and step < self.total:
                     record |= self._evaluate()
                 self._log(record, result)
+                if not math.isfinite(loss):
+                    raise LorakitError(f"loss became {loss} at step {step}; lower the learning rate (--lr), clip "
+                                       "gradients, or train in fp32 (--precision fp32)")
                 advance(record)
                 if self.settings.save_every and step % self.settings.save_every == 0 and step < self.total:
                     self._checkpoint(step, result.history)
@@ -158,8 +167,7 @@ class Trainer:
         mine = shard([global_batch], self.rank, self.world)[0]
         micro = [mine[i::self.settings.grad_accum] for i in range(self.settings.grad_accum)]
         batches = [_to(self.collate([self.examples[i] for i in m]), self.device) for m in micro if m]
-        local_count = sum(int((b["labels"] != -100).sum()) if b["labels"].dim() > 1 else b["labels"].numel()
-                          for b in batches)
+        local_count = sum(target_count(b) for b in batches)
         global_count = distributed.all_reduce_sum(local_count, self.device)
         loss_sum, tokens = 0.0, 0
         for i, batch in enumerate(batches):
@@ -171,9 +179,9 @@ class Trainer:
             loss_sum += float(loss.detach())
             tokens += int(batch["attention_mask"].sum())
         mean_loss = distributed.all_reduce_sum(loss_sum, self.device) / max(global_count, 1.0)
-        if not math.isfinite(mean_loss):
-            raise LorakitError(f"loss became {mean_loss} at step {step + 1}; lower the learning rate (--lr), "
-                               "clip gradients, or train in fp32 (--precision fp32)")
+        if not math.isfinite(mean_loss):  # no update from it; run() records the step, then stops
+            self.optimizer.zero_grad(set_to_none=True)
+            return mean_loss, int(distributed.all_reduce_sum(tokens, self.device))
         self.scaler.unscale_(self.optimizer)
         if self.settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
@@ -199,13 +207,19 @@ class Trainer:
         result.history.append(record)
         if self.out_dir is not None and distributed.is_main():
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            with open(self.out_dir / METRICS, "a") as handle:
+                handle.write(strict_json(record) + "\n")
+
+    def _start_metrics(self) -> None:
+        """A fresh run never appends to metrics another run wrote."""
+        if self.out_dir is not None and distributed.is_main() and (self.out_dir / METRICS).exists():
+            raise LorakitError(f"{self.out_dir} already holds {METRICS} of an earlier run; resume it (resume=True) "
+                               "or train into another folder")
 
     def _checkpoint(self, step: int, history: list[dict[str, Any]]) -> None:
         if self.out_dir is not None and distributed.is_main():
             checkpoint.save(self.out_dir / "checkpoints", step, self.model, self.optimizer, self.scheduler,
-                            {"history": history, "settings": asdict(self.settings)})
+                            {"history": history, "settings": asdict(self.settings), "examples": len(self.examples)})
         distributed.barrier()
 
     def _resume(self) -> tuple[int, list[dict[str, Any]]]:
@@ -213,11 +227,23 @@ class Trainer:
         if path is None:
             raise LorakitError(f"--resume: no checkpoint under {self.out_dir}/checkpoints; train without --resume "
                                "(checkpoints are written every --save-every steps)")
-        state = checkpoint.restore(path, self.model, self.optimizer, self.scheduler)
+        state = checkpoint.read_state(path)
+        self._check_same_job(path, state["extra"])
+        state = checkpoint.restore(path, self.model, self.optimizer, self.scheduler, state)
         if self.out_dir is not None and distributed.is_main():  # metrics after the checkpoint are replayed
-            lines = [json.dumps(r) for r in state["extra"]["history"]]
-            (self.out_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+            lines = [strict_json(r) for r in state["extra"]["history"]]
+            atomic.write_text(self.out_dir / METRICS, "".join(line + "\n" for line in lines))
         return state["step"], list(state["extra"]["history"])
+
+    def _check_same_job(self, path: Path, saved: dict[str, Any]) -> None:
+        """A checkpoint continues only the job that wrote it: same optimisation settings and data size."""
+        now = asdict(self.settings) | {"examples": len(self.examples)}
+        was = saved.get("settings", {}) | {"examples": saved.get("examples")}
+        changed = [f"{k}: was {was.get(k)!r}, now {now[k]!r}" for k in sorted(now)
+                   if k not in RESUMABLE_CHANGES and was.get(k) != now[k]]
+        if changed:
+            raise LorakitError(f"--resume: {path} was written with other settings ({'; '.join(changed)}); resume "
+                               "with the same settings, or start a new run in another folder")
 
     @contextlib.contextmanager
     def _progress_bar(self, step: int):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import socket
@@ -28,14 +27,14 @@ from typing import Any, Callable
 from .. import atomic
 from ..errors import LorakitError
 from ..version import __version__
+from .loop import RESUMABLE_CHANGES
+from .metrics import METRICS
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lorakit.lock"
-METRICS = "metrics.jsonl"
 RUN_ENTRIES = (RUN_FILE, METRICS, "checkpoints", "adapter", "curves.png")
-# Settings a resumed run may change: they steer evaluation, saving and speed, not what is learned.
-MAY_CHANGE_ON_RESUME = ("out", "resume", "overwrite", "eval_every", "eval_size", "save_every", "precision",
-                        "gradient_checkpointing")
+# Settings a resumed run may change: they steer evaluation, saving, speed and where it runs, not what is learned.
+MAY_CHANGE_ON_RESUME = ("out", "resume", "overwrite", "dry_run", "nproc", "eval_size", *RESUMABLE_CHANGES)
 
 
 class RunLock:
@@ -184,14 +183,6 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def strict_record(record: dict[str, Any]) -> str:
-    """One metrics line in strict JSON: a NaN or infinite value is written as null and named in `nonfinite`."""
-    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
-    if bad:
-        record = {k: (None if k in bad else v) for k, v in record.items()} | {"nonfinite": bad}
-    return json.dumps(record, allow_nan=False)
 
 
 def save_with_fallback(write: Callable[[Path], None], target: Path) -> Path:
