@@ -64,7 +64,7 @@ def test_resume_refuses_another_job_naming_what_differs(change, named, finished_
 
 def test_resume_refuses_changed_data(finished_run, tmp_path):
     write_jsonl(tmp_path / "data.jsonl", ROWS["prompt_completion"][:-1])
-    with pytest.raises(lk.LorakitError, match="data: was .*; data_sha256: was"):
+    with pytest.raises(lk.LorakitError, match="data_sha256: was"):
         run_job(_again(finished_run, resume=True, data=str(tmp_path / "data.jsonl")), progress=False)
 
 

@@ -2,8 +2,8 @@
 clipping, mixed precision, checkpoints with exact resume, and DDP across processes.
 
 Every optimizer step sees one global batch of `batch_size` examples, fixed by (seed, epoch, step), split
-over ranks and accumulation micro-batches; the loss is normalised by the global number of labelled
-tokens, so one process and N processes compute the same update.
+over ranks and accumulation micro-batches; the loss is normalised by the global number of prediction
+targets (objectives.target_count), so one process and N processes compute the same update.
 """
 
 from __future__ import annotations

@@ -34,7 +34,9 @@ RUN_FILE = "run.json"
 LOCK_FILE = ".lorakit.lock"
 RUN_ENTRIES = (RUN_FILE, METRICS, "checkpoints", "adapter", "curves.png")
 # Settings a resumed run may change: they steer evaluation, saving, speed and where it runs, not what is learned.
-MAY_CHANGE_ON_RESUME = ("out", "resume", "overwrite", "dry_run", "nproc", "eval_size", *RESUMABLE_CHANGES)
+# The model and data are compared by fingerprint, so a moved file still resumes.
+MAY_CHANGE_ON_RESUME = ("out", "resume", "overwrite", "dry_run", "nproc", "eval_size", "model", "data",
+                        *RESUMABLE_CHANGES)
 
 
 class RunLock:
