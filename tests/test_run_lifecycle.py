@@ -117,7 +117,8 @@ def test_a_second_train_on_the_same_out_fails_at_once_naming_the_holder(tmp_path
     try:
         assert holder.stdout.readline().strip() == "locked"
         start = time.monotonic()
-        with pytest.raises(lk.LorakitError, match=rf"in use by another `lorakit train` \(pid {holder.pid} on .*started"):
+        holder_named = rf"in use by another `lorakit train` \(pid {holder.pid} on .*started"
+        with pytest.raises(lk.LorakitError, match=holder_named):
             run_folder.open_run(out, {"model": "m"}, resume=False, overwrite=False)
         assert time.monotonic() - start < 5
     finally:

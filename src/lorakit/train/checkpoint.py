@@ -61,7 +61,7 @@ def read_state(path: Path) -> dict[str, Any]:
         tree = json.loads((path / STATE).read_text())
         return state_codec.decode(tree, load_file(path / STATE_TENSORS))
     except Exception as exc:  # a damaged checkpoint can fail in many ways
-        raise FormatError(f"{path}: checkpoint is unreadable ({exc}); delete it to resume from an earlier one") from None
+        raise _unreadable(path, exc) from None
 
 
 def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -71,7 +71,7 @@ def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sche
     try:
         tensors = load_file(path / TENSORS)
     except Exception as exc:
-        raise FormatError(f"{path}: checkpoint is unreadable ({exc}); delete it to resume from an earlier one") from None
+        raise _unreadable(path, exc) from None
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(tensors):
         raise FormatError(f"{path}: holds {len(tensors)} trainable tensors, the model has {len(params)}; "
@@ -87,6 +87,10 @@ def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sche
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return {"step": state["step"], "extra": state["extra"]}
+
+
+def _unreadable(path: Path, exc: Exception) -> FormatError:
+    return FormatError(f"{path}: checkpoint is unreadable ({exc}); delete it to resume from an earlier one")
 
 
 def _complete(folder: Path) -> list[Path]:

@@ -1,5 +1,6 @@
-"""Training data shared by `lorakit train` and the library trainer: read rows, recognize their format,
-tokenize them with loss masks, batch them in a resumable, shardable order.
+"""Training data shared by `lorakit train` and the library trainer, in one import: read rows (records.py),
+recognize their format (formats.py), tokenize them with loss masks (tokenization.py), batch them in a
+resumable, shardable order (batching.py). This page documents the whole pipeline; each step is its module.
 
 Formats, recognized by their fields:
 
@@ -38,5 +39,5 @@ from .records import Row, Rows, describe_row, load_records
 from .tokenization import TRUNCATION, TokenizedData, label_vocabulary, tokenize
 
 __all__ = ["FIELDS", "FORMAT_TASKS", "IGNORE_INDEX", "TRUNCATION", "Row", "Rows", "TokenizedData", "batch_order",
-           "check_rows", "collate", "describe_row", "detect_format", "infer_task", "label_vocabulary", "left_pad", "load_records",
-           "pad_rows", "shard", "tokenize"]
+           "check_rows", "collate", "describe_row", "detect_format", "infer_task", "label_vocabulary", "left_pad",
+           "load_records", "pad_rows", "shard", "tokenize"]

@@ -129,8 +129,8 @@ def _claim(out: Path, job: dict[str, Any], resume: bool, overwrite: bool) -> Non
     for name in present:
         target = out / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
-    atomic.write_text(out / RUN_FILE, json.dumps({"lorakit": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-                                                  "job": job}, indent=2, sort_keys=True) + "\n")
+    run = {"lorakit": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S %z"), "job": job}
+    atomic.write_text(out / RUN_FILE, json.dumps(run, indent=2, sort_keys=True) + "\n")
 
 
 def read_run(out: Path) -> dict[str, Any] | None:

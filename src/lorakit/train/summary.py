@@ -16,7 +16,8 @@ def print_summary(console: Console, cfg: JobConfig, report: JobReport) -> None:
     share = 100 * report.trainable / report.total
     rows = [
         ("model / data", f"{cfg.model} / {cfg.data}"),
-        ("LoRA", f"r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets={cfg.lora.target_modules or 'architecture default'}"),
+        ("LoRA", f"r={cfg.lora.r}, alpha={cfg.lora.alpha}, "
+                 f"targets={cfg.lora.target_modules or 'architecture default'}"),
         ("trainable parameters", f"{report.trainable:,} of {report.total:,} ({share:.2f}%)"),
         ("examples", f"{report.n_train:,} train, {report.n_eval:,} held out"),
         ("steps", f"{report.train.steps} x batch {cfg.train.batch_size}"),
