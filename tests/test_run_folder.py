@@ -65,6 +65,17 @@ def test_a_pickled_trainer_state_is_never_unpickled(tmp_path):
     assert not marker.exists()
 
 
+def test_saving_into_the_working_folder_swaps_it_and_stays_in_it(tmp_path, monkeypatch):
+    model, _, _ = _trained_linear()
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path / "here")
+    lk.save(model, ".")
+    lk.save(model, ".")
+    assert sorted(os.listdir(".")) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt"]
+    assert os.path.samefile(".", tmp_path / "here")
+
+
 def test_checkpoint_files_are_safetensors_and_strict_json(tmp_path):
     model, optimizer, scheduler = _trained_linear()
     saved = checkpoint.save(tmp_path, 3, model, optimizer, scheduler, {"history": [{"loss": float("nan")}]})

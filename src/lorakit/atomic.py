@@ -49,7 +49,7 @@ def atomic_folder(path: str | os.PathLike, keep_other_files: bool = False) -> It
     keep_other_files: entries of the old folder that the block did not write are carried into the new one
     (hard links where possible), so saving an adapter into a folder keeps e.g. the user's tokenizer files.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # "." must name the folder, so it has a parent to build beside it
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +126,7 @@ def clean_interrupted(folder: str | os.PathLike) -> list[Path]:
 
 
 def _swap_in(staging: Path, path: Path) -> None:
+    cwd = os.getcwd()
     if not path.exists():
         os.rename(staging, path)
     elif _exchange(staging, path):  # staging now holds the old folder
@@ -136,6 +137,8 @@ def _swap_in(staging: Path, path: Path) -> None:
         os.rename(staging, path)
         shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(path.parent)
+    if Path(cwd) == path or path in Path(cwd).parents:  # the process stood in the old folder: step into the new
+        os.chdir(cwd if os.path.isdir(cwd) else path)
 
 
 def _exchange(a: Path, b: Path) -> bool:

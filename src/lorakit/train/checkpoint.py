@@ -47,6 +47,18 @@ def save(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optim
     return target
 
 
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Temporary folders of checkpoint writes a kill interrupted (`.step-N.*`, also older versions' names)."""
+    removed = atomic.clean_interrupted(folder)
+    for item in sorted(folder.glob(".step-*")) if folder.is_dir() else []:
+        if item.is_dir():
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            item.unlink(missing_ok=True)
+        removed.append(item)
+    return removed
+
+
 def latest(folder: Path) -> Path | None:
     found = sorted(_complete(folder), key=_step_of)
     if not found and folder.is_dir() and any(folder.glob(f"step-*/{PICKLED_STATE}")):

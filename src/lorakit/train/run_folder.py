@@ -27,6 +27,7 @@ from typing import Any, Callable
 from .. import atomic
 from ..errors import LorakitError
 from ..version import __version__
+from . import checkpoint
 from .loop import RESUMABLE_CHANGES
 from .metrics import METRICS
 
@@ -96,7 +97,7 @@ def open_run(out: Path, job: dict[str, Any], resume: bool, overwrite: bool,
     try:
         if lock.previous:
             say(f"took over the lock of a run that ended without releasing it ({_describe(lock.previous)})")
-        removed = atomic.clean_interrupted(out) + atomic.clean_interrupted(out / "checkpoints")
+        removed = atomic.clean_interrupted(out) + checkpoint.remove_leftovers(out / "checkpoints")
         if removed:
             say(f"removed {len(removed)} leftovers of interrupted writes: {', '.join(p.name for p in removed)}")
         _claim(out, job, resume, overwrite)
@@ -128,7 +129,10 @@ def _claim(out: Path, job: dict[str, Any], resume: bool, overwrite: bool) -> Non
                            "it, or choose another --out")
     for name in present:
         target = out / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
     run = {"lorakit": __version__, "created": time.strftime("%Y-%m-%d %H:%M:%S %z"), "job": job}
     atomic.write_text(out / RUN_FILE, json.dumps(run, indent=2, sort_keys=True) + "\n")
 
