@@ -225,8 +225,8 @@ class Trainer:
     def _resume(self) -> tuple[int, list[dict[str, Any]]]:
         path = checkpoint.latest(self.out_dir / "checkpoints") if self.out_dir else None
         if path is None:
-            raise LorakitError(f"--resume: no checkpoint under {self.out_dir}/checkpoints; train without --resume "
-                               "(checkpoints are written every --save-every steps)")
+            raise LorakitError(f"--resume: no checkpoint under {self.out_dir}/checkpoints (they are written every "
+                               "--save-every steps); start the run afresh with --overwrite instead of --resume")
         state = checkpoint.read_state(path)
         self._check_same_job(path, state["extra"])
         state = checkpoint.restore(path, self.model, self.optimizer, self.scheduler, state)
