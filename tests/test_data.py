@@ -351,7 +351,7 @@ def test_shards_rebuild_the_global_batches(world_size):
         ("[]", ".json", "holds no rows"),
         ('{"text": "a"}\n{"text": "b",}\n', ".jsonl", r"line 2: invalid JSON"),
         ('[\n {"text": "a"},\n {"text": }\n]', ".json", r"line 3: invalid JSON"),
-        ('{"text": "a"}\n[1, 2]\n', ".jsonl", r"row 1 is a list, not an object"),
+        ('{"text": "a"}\n\n[1, 2]\n', ".jsonl", r"data.jsonl line 3 is a list, not an object"),
         ("text\na\n", ".tsv", r"unknown data file type '.tsv'; use .jsonl"),
     ],
 )

@@ -11,7 +11,7 @@ from lorakit.train.job import JobConfig, run_job
 
 
 def test_default_job_beats_zero_shot(tmp_path):
-    cfg = JobConfig(steps=60, lr=2e-3, batch_size=16, out=str(tmp_path / "run"))  # the demo's settings
+    cfg = JobConfig.of(steps=60, lr=2e-3, batch_size=16, out=str(tmp_path / "run"))  # the demo's settings
     report = run_job(cfg, progress=False)
     assert report.trainable / report.total < 0.01
     assert report.after["accuracy"] >= max(0.85, report.before["accuracy"] + 0.05), (report.before, report.after)

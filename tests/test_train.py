@@ -47,7 +47,7 @@ ROWS = {
 
 
 def _cfg(tiny_model, data, out, **overrides) -> JobConfig:
-    return JobConfig(**{"model": tiny_model, "data": str(data), "out": str(out), "steps": 4, "batch_size": 4,
+    return JobConfig.of(**{"model": tiny_model, "data": str(data), "out": str(out), "steps": 4, "batch_size": 4,
                         "lr": 5e-3, "precision": "fp32", "target": ["q_proj", "v_proj"], **overrides})
 
 
@@ -95,7 +95,7 @@ def test_variants_train_and_save(variant, tiny_model, tmp_path):
 
 def _trainer(tiny_model, data, out, on_step=None):
     cfg = _cfg(tiny_model, data, out, dropout=0.2, save_every=2, steps=7)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.train.seed)
     model, _, prepared = prepare(cfg, torch.device("cpu"))
     settings = TrainSettings(steps=7, batch_size=4, lr=5e-3, save_every=2, precision="fp32")
     return model, Trainer(model, prepared.train, prepared.collate, prepared.loss_fn, settings, out,
@@ -121,8 +121,29 @@ def test_resume_after_a_kill_ends_with_the_same_adapter(tiny_model, tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_a_batch_loss_is_the_token_weighted_mean_of_its_rows_alone(tiny_model):
+    """Left padding must not add targets: the first real token of a padded row is not predicted from a pad."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.train import data
+    from lorakit.train.objectives import causal_lm_loss, target_count
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [{"text": text} for text in ("a", "dull and far too long, the worst film of the year", "the best cast")]
+    examples = data.tokenize(rows, tokenizer, "text", 64).examples
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        total, count = causal_lm_loss(model, data.collate(examples, pad, "left"))
+        alone = [causal_lm_loss(model, data.collate([example], pad, "left")) for example in examples]
+    assert count == sum(n for _, n in alone) == sum(len(e["input_ids"]) - 1 for e in examples)
+    assert count == target_count(data.collate(examples, pad, "left"))
+    torch.testing.assert_close(total / count, sum(loss for loss, _ in alone) / count, rtol=1e-6, atol=1e-6)
+
+
 def test_two_gloo_processes_match_one(tiny_model, tmp_path):
-    write_jsonl(tmp_path / "data.jsonl", ROWS["prompt_completion"])
+    """Text rows of many lengths: the two processes' batches are padded differently from the one's."""
+    write_jsonl(tmp_path / "data.jsonl", [{"text": f"{t} {'and more ' * (i % 5)}"} for i, (t, _) in enumerate(REVIEWS)])
     common = ["train", "--model", tiny_model, "--data", str(tmp_path / "data.jsonl"), "--steps", "3",
               "--batch-size", "8", "--lr", "5e-3", "--precision", "fp32", "--target", "q_proj,v_proj",
               "--eval-every", "0"]
@@ -131,6 +152,9 @@ def test_two_gloo_processes_match_one(tiny_model, tmp_path):
         proc = subprocess.run([sys.executable, "-m", "lorakit", *common, "--out", str(tmp_path / name), *extra],
                               capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
+    first_loss = [json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+                  for name in ("one", "two")]
+    assert first_loss[1] == pytest.approx(first_loss[0], rel=1e-6, abs=0)
     one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     two = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
     assert one.keys() == two.keys()
@@ -158,11 +182,11 @@ def test_config_file_and_flags(tiny_model, tmp_path):
     (tmp_path / "run.yaml").write_text("r: 4\nlr: 0.01\ntarget: q_proj,k_proj\ndata: my.jsonl\n")
     (tmp_path / "run.toml").write_text('r = 2\nbatch-size = 32\n')
     cfg = job_config({"steps": 60}, tmp_path / "run.yaml", {"lr": 0.02})
-    assert (cfg.r, cfg.lr, cfg.target, cfg.steps) == (4, 0.02, ["q_proj", "k_proj"], None)
+    assert (cfg.lora.r, cfg.train.lr, cfg.lora.target_modules, cfg.train.steps) == (4, 0.02, ["q_proj", "k_proj"], None)
     cfg = job_config({"steps": 60}, tmp_path / "run.toml", {})
-    assert (cfg.r, cfg.batch_size, cfg.steps) == (2, 32, 60)  # default data keeps the demo preset
+    assert (cfg.lora.r, cfg.train.batch_size, cfg.train.steps) == (2, 32, 60)  # default data keeps the demo preset
     (tmp_path / "bad.yaml").write_text("rank: 4\n")
-    with pytest.raises(lk.LorakitError, match="unknown settings \\['rank'\\]"):
+    with pytest.raises(lk.LorakitError, match="unknown setting 'rank'"):
         job_config({}, tmp_path / "bad.yaml", {})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -74,13 +75,21 @@ def merge(model: str = typer.Option("default", help="base model: 'default', a Hu
     """Fold an adapter into its base and write a Hugging Face folder that needs no lorakit to load."""
     from . import adapter_files as io
     from .adapters import unload
+    from .atomic import check_writable_folder
     from .models import load_base_model, save_hf_folder
 
+    inputs = {"--adapter": adapter} | ({} if model == "default" else {"--model": Path(model)})
+    _refuse_writing_over(out, inputs)
+    check_writable_folder(out, "--out")  # before minutes of loading and merging
     with console.status("loading base model and adapter"):
         base, tokenizer = load_base_model(model)
         io.load(base, adapter)
         merged = unload(base, merge=True)
-    save_hf_folder(merged, tokenizer, out, dtype=_dtype(dtype))
+    try:
+        save_hf_folder(merged, tokenizer, out, dtype=_dtype(dtype))
+    except OSError as exc:
+        raise LorakitError(f"could not write the merged model to {out} ({exc.strerror or exc}); free some space or "
+                           "choose another --out") from None
     console.print(f"merged {adapter} into {model}: wrote {out}")
 
 
@@ -136,27 +145,27 @@ def train(
     save_every: Optional[int] = typer.Option(None, help="checkpoint every N steps for --resume"),
     precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16 or fp16"),
     gradient_checkpointing: Optional[bool] = typer.Option(None, help="recompute activations to save memory"),
-    resume: bool = typer.Option(False, help="continue from the last checkpoint in --out"),
-    dry_run: bool = typer.Option(False, help="print the memory estimate and stop"),
-    nproc: int = typer.Option(1, help="processes on this machine (runs torchrun for you)"),
+    resume: Optional[bool] = typer.Option(None, "--resume", help="continue the run in --out from its last checkpoint"),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="delete the earlier run in --out first"),
+    dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="print the memory estimate and stop"),
+    nproc: Optional[int] = typer.Option(None, help="processes on this machine (runs torchrun for you)"),
 ) -> None:
     """Fine-tune with LoRA; with no arguments, the embedded default model on the default data."""
-    flags = {k: v for k, v in locals().items() if k not in ("config", "resume", "dry_run", "nproc") and v is not None}
+    flags = {k: v for k, v in locals().items() if k != "config" and v is not None}
+    from .train import distributed
     from .train.config_file import job_config
 
-    cfg = job_config(DEMO_PRESET, config, flags | {"resume": resume})
-    if nproc > 1:
-        _relaunch_with_torchrun(nproc)
+    cfg = job_config(DEMO_PRESET, config, flags)  # every setting checked before anything loads
+    if cfg.nproc > 1 and not distributed.launched_by_torchrun():
+        _relaunch_with_torchrun(cfg.nproc)
         return
-    if dry_run:
+    if cfg.dry_run:
         _print_estimate(cfg)
         return
     from .train.job import run_job
     from .train.summary import print_summary
 
     report = run_job(cfg, log=lambda message: console.print(f"[dim]{message}[/dim]"))
-    from .train import distributed
-
     if distributed.is_main():
         print_summary(console, cfg, report)
     distributed.teardown()
@@ -191,7 +200,7 @@ def evaluate(
     """Held-out accuracy (or loss) of a base model, or of a base with an adapter, merged or not."""
     from .train.job import JobConfig, evaluate_job
 
-    cfg = JobConfig(model=model, data=data, eval_data=eval_data, eval_size=eval_size, precision=precision)
+    cfg = JobConfig.of(model=model, data=data, eval_data=eval_data, eval_size=eval_size, precision=precision)
     metrics = evaluate_job(cfg, adapter=str(adapter) if adapter else None, merged=merged)
     table = Table(title=f"lorakit eval: {model}" + (f" + {adapter}" + (" (merged)" if merged else "") if adapter else ""))
     table.add_column("metric")
@@ -233,16 +242,35 @@ def generate(
     print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 
 
+def _refuse_writing_over(out: Path, inputs: dict[str, Path]) -> None:
+    """An output folder must not be, or sit inside, a folder the command reads."""
+    target = out.expanduser().resolve()
+    for flag, path in inputs.items():
+        source = path.expanduser().resolve()
+        if target == source or source in target.parents:
+            raise LorakitError(f"--out {out} is inside {flag} {path}, which this command reads; writing there would "
+                               "overwrite it. Choose another --out")
+
+
 def _print_estimate(cfg) -> None:
     from .train.estimate_table import estimate_table
 
-    console.print(estimate_table(cfg.model, r=cfg.r, target=cfg.target, batch_size=cfg.batch_size,
+    console.print(estimate_table(cfg.model, r=cfg.lora.r, target=cfg.lora.target_modules,
+                                 batch_size=cfg.train.batch_size,
                                  seq_len=min(cfg.max_length, 64 if cfg.data == "default" else cfg.max_length)))
 
 
+ERROR_FILE_ENV = "LORAKIT_ERROR_FILE"  # where a torchrun worker leaves its clear error for the launching command
+
+
 def _relaunch_with_torchrun(nproc: int) -> None:
-    """`lorakit train --nproc N ...` is `torchrun --nproc_per_node N -m lorakit train ...`."""
+    """`lorakit train --nproc N ...` is `torchrun --nproc_per_node N -m lorakit train ...`.
+
+    A worker's LorakitError comes back through a file and is printed as the one clear error; torchrun's own
+    report of the failed worker (a long traceback) is then left out, and shown only when there is no such error.
+    """
     import subprocess
+    import tempfile
 
     args = sys.argv[1:]
     for i, arg in enumerate(args):
@@ -253,7 +281,29 @@ def _relaunch_with_torchrun(nproc: int) -> None:
             del args[i]
             break
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "lorakit", *args]
-    raise SystemExit(subprocess.call(command))
+    with tempfile.TemporaryDirectory(prefix="lorakit-torchrun-") as folder:
+        error_file = Path(folder) / "error"
+        env = dict(os.environ) | {ERROR_FILE_ENV: str(error_file)}
+        process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
+        held = _forward_worker_output(process.stderr)
+        code = process.wait()
+        errors = error_file.read_text().splitlines() if error_file.exists() else []
+    if code != 0 and errors:
+        raise LorakitError(errors[0])
+    sys.stderr.write("".join(held))
+    raise SystemExit(code)
+
+
+def _forward_worker_output(stream) -> list[str]:
+    """Copy the workers' stderr through as it comes; hold back the launcher's failure report."""
+    held: list[str] = []
+    for line in stream:
+        if held or line.startswith("Traceback (most recent call last)") or "torch.distributed.elastic" in line:
+            held.append(line)
+        else:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+    return held
 
 
 def main() -> None:
@@ -261,7 +311,12 @@ def main() -> None:
     try:
         app()
     except LorakitError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}")
+        error_file = os.environ.get(ERROR_FILE_ENV)
+        if error_file:  # a torchrun worker: the launching command prints it once for all workers
+            with open(error_file, "a") as handle:
+                handle.write(" ".join(str(exc).split()) + "\n")
+        else:
+            Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}")
         sys.exit(2)
 
 

@@ -104,7 +104,11 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
 
 def pattern_matches(pattern: str, module_name: str) -> bool:
     """PEFT's rule for rank/alpha patterns: the regex matches the whole name or a dotted suffix of it."""
-    return re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module_name) is not None
+    try:
+        return re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module_name) is not None
+    except re.error as exc:  # a pattern read from a file, not yet checked by LoraConfig
+        raise LorakitError(f"{pattern!r} is not a valid regular expression ({exc}); fix it in rank_pattern / "
+                           "alpha_pattern") from None
 
 
 def pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:

@@ -106,8 +106,9 @@ def adapter_config(model: nn.Module, adapter: str = "default", convert_pissa: bo
 def save(model: nn.Module, out_dir: str | os.PathLike, adapter: str | list[str] | None = "default",
          dtype: torch.dtype | None = None, convert_pissa: bool = True) -> Path:
     """Write adapter folders as PEFT does: one adapter into `out_dir`; None = all adapters, "default" at the
-    top and every other one in a subfolder of its name. Each file is replaced atomically. lorakit's version
-    goes into the safetensors header metadata, where PEFT does not warn about it.
+    top and every other one in a subfolder of its name. The folder is swapped in as one unit (readers see the
+    old adapter or the new one, never a mix). lorakit's version goes into the safetensors header metadata,
+    where PEFT does not warn about it.
 
     A PiSSA adapter (init="pissa") is written as the whole change against the original weights: a plain
     LoRA pair of rank 2r ([A; A0], [B, -B0]) with alpha keeping the scaling and `init_lora_weights: true`,
@@ -118,13 +119,14 @@ def save(model: nn.Module, out_dir: str | os.PathLike, adapter: str | list[str] 
     """
     out_dir = Path(out_dir)
     names = adapter_names(model) if adapter is None else [adapter] if isinstance(adapter, str) else list(adapter)
-    for name in names:
-        folder = out_dir if isinstance(adapter, str) or name == "default" else out_dir / name
-        tensors = {k: v.cpu() for k, v in adapter_state_dict(model, name, dtype, convert_pissa).items()}
-        config = adapter_config(model, name, convert_pissa)
-        metadata = {"format": "pt", "lorakit_version": __version__}
-        atomic.write_bytes(folder / WEIGHTS_NAME, save_safetensors(tensors, metadata=metadata))
-        atomic.write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with atomic.atomic_folder(out_dir, keep_other_files=True) as staging:  # the folder changes as one unit
+        for name in names:
+            folder = staging if isinstance(adapter, str) or name == "default" else staging / name
+            tensors = {k: v.cpu() for k, v in adapter_state_dict(model, name, dtype, convert_pissa).items()}
+            config = adapter_config(model, name, convert_pissa)
+            metadata = {"format": "pt", "lorakit_version": __version__}
+            atomic.write_bytes(folder / WEIGHTS_NAME, save_safetensors(tensors, metadata=metadata))
+            atomic.write_text(folder / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir
 
 

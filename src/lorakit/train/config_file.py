@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 from typing import Any
 
 from ..errors import LorakitError
-from .job import JobConfig
-
-FIELDS = {f.name for f in dataclasses.fields(JobConfig)}
+from .job_config import JobConfig, coerce, flag_name, setting_types
 
 
 def job_config(preset: dict[str, Any], path: Path | None, flags: dict[str, Any]) -> JobConfig:
@@ -22,12 +19,14 @@ def job_config(preset: dict[str, Any], path: Path | None, flags: dict[str, Any])
     values |= flags
     if isinstance(values.get("target"), str):
         values["target"] = parse_targets(values["target"])
-    return JobConfig(**values)
+    return JobConfig.of(**values)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
+    """Settings by flag name, each coerced to its type (an error names the file and the key)."""
+    origin = f"--config {path}"
     if not path.is_file():
-        raise LorakitError(f"--config {path}: no such file")
+        raise LorakitError(f"{origin}: no such file")
     text = path.read_text()
     try:
         if path.suffix == ".toml":
@@ -39,17 +38,20 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
             raw = yaml.safe_load(text) or {}
         else:
-            raise LorakitError(f"--config {path}: use a .yaml, .yml or .toml file")
+            raise LorakitError(f"{origin}: use a .yaml, .yml or .toml file")
     except LorakitError:
         raise
     except Exception as exc:  # the parsers raise their own error types
-        raise LorakitError(f"--config {path}: cannot parse it ({exc})") from None
+        raise LorakitError(f"{origin}: cannot parse it ({exc})") from None
     if not isinstance(raw, dict):
-        raise LorakitError(f"--config {path}: expected a mapping of settings, got {type(raw).__name__}")
-    values = {str(k).replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(values) - FIELDS)
-    if unknown:
-        raise LorakitError(f"--config {path}: unknown settings {unknown}; known: {sorted(FIELDS)}")
+        raise LorakitError(f"{origin}: expected a mapping of settings, got {type(raw).__name__}")
+    hints = setting_types()
+    values = {}
+    for key, value in raw.items():
+        name = flag_name(key, origin)
+        if name in values:
+            raise LorakitError(f"{origin}: {key!r} sets {name} a second time; keep one")
+        values[name] = coerce(name, value, hints[name], origin)
     return values
 
 

@@ -41,7 +41,7 @@ from ..inject import inject
 from ..models import load_config
 from .estimate_constants import EVAL_BATCH, HEAP_SLACK, JOB_EXTRAS
 from .loop import amp_dtype
-from .objectives import IGNORE, tail_logits
+from .objectives import IGNORE_INDEX, tail_logits
 
 METHODS = ("lora", "qlora", "full")
 
@@ -196,7 +196,7 @@ def _training_loss(model: nn.Module, batch_size: int, seq_len: int, loss_tokens:
     input_ids, mask = _left_padded(batch_size, seq_len)
     logits = tail_logits(model, input_ids, mask, loss_tokens + 1)[:, :-1]
     targets = torch.zeros(batch_size * loss_tokens, dtype=torch.long)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets, ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(logits.float().flatten(0, 1), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _left_padded(batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

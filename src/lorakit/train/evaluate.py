@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
+from .batching import left_pad
 from .objectives import causal_lm_loss, classification_predictions, tail_logits
 
 
@@ -89,16 +90,6 @@ def loss_eval(model: nn.Module, examples: list[Any], collate: Callable, batch_si
     total, count = distributed.all_reduce_sum(total, device), distributed.all_reduce_sum(count, device)
     mean = total / max(count, 1)
     return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50))}
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _my_share(items: list[int]) -> list[int]:

@@ -17,58 +17,18 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .. import adapter_files as io, adapters
-from ..config import LoraConfig
+from .. import adapter_files as io, adapters, atomic
 from ..errors import LorakitError
 from ..inject import inject
 from ..state import lora_layers
-from . import data, distributed, sentiment
+from . import data, distributed, run_folder, sentiment
 from .evaluate import ChoiceTask, choice_eval, choice_predictions, classification_eval, loss_eval
-from .loop import Trainer, TrainResult, TrainSettings, amp_dtype, autocast
+from .job_config import JobConfig
+from .loop import Trainer, TrainResult, amp_dtype, autocast
 from .objectives import causal_lm_loss, classification_loss
 from .plots import plot_curves
 
-TASKS = ("causal-lm", "classification")
 MAX_CHOICES = 16  # completions drawn from at most this many strings are scored as a choice (accuracy)
-
-
-@dataclass
-class JobConfig:
-    """Every setting of `lorakit train`; the CLI flags and --config files map onto these fields."""
-
-    model: str = "default"
-    data: str = "default"
-    eval_data: str | None = None
-    task: str | None = None
-    out: str = "runs/train"
-    steps: int | None = None
-    epochs: float = 1.0
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 2e-4
-    lora_plus_ratio: float = 1.0
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.0
-    init: str = "kaiming"
-    use_dora: bool = False
-    use_rslora: bool = False
-    target: list[str] | str | None = None
-    quantize: str | None = None
-    seed: int = 0
-    resume: bool = False
-    max_length: int = 256
-    eval_every: int = 0
-    eval_size: int | None = None
-    save_every: int = 0
-    precision: str = "auto"
-    gradient_checkpointing: bool = False
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.task is not None and self.task not in TASKS:
-            raise LorakitError(f"--task must be one of {TASKS}, got {self.task!r}")
 
 
 @dataclass
@@ -103,30 +63,38 @@ def run_job(cfg: JobConfig, progress: bool = True, log: Callable[[str], None] = 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     distributed.setup(device)
     say = log if distributed.is_main() else (lambda message: None)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
+    lock = run_folder.open_run(out, run_folder.describe_job(cfg.settings()), cfg.resume, cfg.overwrite, say) \
+        if distributed.is_main() else None  # checked and locked before anything loads
+    try:
+        return _run(cfg, device, out, progress, say)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: JobConfig, device: torch.device, out: Path, progress: bool, say: Callable[[str], None]) -> JobReport:
+    random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
     say(f"loading model {cfg.model!r} and data {cfg.data!r}")
     model, tokenizer, prepared = prepare(cfg, device)
     trainable, total = adapters.count_parameters(model)
-    say(f"LoRA r={cfg.r} alpha={cfg.alpha}: {trainable:,} trainable of {total:,} parameters "
+    say(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%), {len(prepared.train):,} training examples, {prepared.n_eval:,} held out")
-    precision = amp_dtype(cfg.precision, device)
+    precision = amp_dtype(cfg.train.precision, device)
 
     def evaluate() -> dict[str, float]:
         with autocast(device, precision):
             return prepared.evaluate(model)
 
     before = _timed(say, "evaluating before training", lambda: _evaluate_base(model, evaluate))
-    trainer = Trainer(model, prepared.train, prepared.collate, prepared.loss_fn, _settings(cfg), out,
+    trainer = Trainer(model, prepared.train, prepared.collate, prepared.loss_fn, cfg.train, out,
                       evaluate=evaluate, progress=progress)
     result = trainer.run(resume=cfg.resume)
     after = _timed(say, "evaluating after training", evaluate)
     adapter_dir = out / "adapter"
     if distributed.is_main():
-        io.save(model, adapter_dir)
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(adapter_dir)
+        adapter_dir = run_folder.save_with_fallback(lambda folder: _save_adapter(model, tokenizer, folder), adapter_dir)
     mergeable = not any(layer.lora_merge_blocker for _, layer in lora_layers(model))  # 4-bit bases are not
     agreement = _merged_agreement(model, prepared) if prepared.choice is not None and mergeable else None
     title = f"lorakit train: {cfg.model} model on {cfg.data} data"
@@ -136,13 +104,21 @@ def run_job(cfg: JobConfig, progress: bool = True, log: Callable[[str], None] = 
                      agreement, len(prepared.train), prepared.n_eval)
 
 
+def _save_adapter(model: nn.Module, tokenizer: Any, folder: Path) -> None:
+    """The adapter and its tokenizer, swapped into `folder` as one unit."""
+    with atomic.atomic_folder(folder) as staging:
+        io.save(model, staging)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(staging)
+
+
 def evaluate_job(cfg: JobConfig, adapter: str | None = None, merged: bool = False) -> dict[str, float]:
     """The job's held-out metric for the base model, or for a saved adapter (merged or not)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _, prepared = prepare(cfg, device, adapter=adapter)
     if adapter and merged:
         adapters.merge(model)
-    with autocast(device, amp_dtype(cfg.precision, device)):
+    with autocast(device, amp_dtype(cfg.train.precision, device)):
         if adapter is None:
             with adapters.disabled(model):
                 return prepared.evaluate(model)
@@ -153,9 +129,8 @@ def prepare(cfg: JobConfig, device: torch.device, adapter: str | None = None) ->
     """Load model and data, apply a new adapter (or load `adapter`) and quantization, build the task."""
     from ..models import load_base_model
 
-    train_records, eval_records = _records(cfg)
-    fmt = data.detect_format(train_records)
-    task = cfg.task or data.infer_task(fmt)
+    fmt, train_records, eval_records = _records(cfg)
+    task = _task(cfg.task, fmt)
     labels = sorted({str(r["label"]) for r in train_records}) if task == "classification" else []
     overrides = {"num_labels": len(labels)} if labels else {}
     model, tokenizer = load_base_model(cfg.model, task=task, **overrides)
@@ -174,9 +149,7 @@ def prepare(cfg: JobConfig, device: torch.device, adapter: str | None = None) ->
     if adapter is not None:
         io.load(model, adapter)
     else:
-        inject(model, LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target,
-                                 init=cfg.init, use_dora=cfg.use_dora, use_rslora=cfg.use_rslora,
-                                 modules_to_save=[head] if head else []))
+        inject(model, cfg.lora.replace(modules_to_save=[head]) if head else cfg.lora)
     train = data.tokenize(train_records, tokenizer, fmt, cfg.max_length, label_names=labels or None)
     evaluation = data.tokenize(eval_records, tokenizer, fmt, cfg.max_length, label_names=labels or None)
     pad = tokenizer.pad_token_id
@@ -193,24 +166,34 @@ def prepare(cfg: JobConfig, device: torch.device, adapter: str | None = None) ->
                                       n_eval=len(eval_records))
 
 
-def _records(cfg: JobConfig) -> tuple[list[dict], list[dict]]:
+def _records(cfg: JobConfig) -> tuple[str, list[dict], list[dict]]:
+    """(format, training rows, held-out rows); every row is checked before the split, so an error names its
+    file and line rather than a position in the shuffled split."""
     if cfg.data == "default":
         train, test = sentiment.load_splits(seed=0)
         to_record = lambda e: {"prompt": e.prompt, "completion": e.answer}  # noqa: E731
         train_records, eval_records = [to_record(e) for e in train], [to_record(e) for e in test]
+        fmt = "prompt_completion"
     else:
-        train_records = data.load_records(cfg.data)
+        rows = data.load_records(cfg.data)
+        fmt = data.detect_format(rows, origin=cfg.data)
         if cfg.eval_data:
-            eval_records = data.load_records(cfg.eval_data)
+            train_records, eval_records = rows, data.load_records(cfg.eval_data)
+            eval_fmt = data.detect_format(eval_records, origin=cfg.eval_data)
+            if eval_fmt != fmt:
+                raise LorakitError(f"--eval-data {cfg.eval_data} is in the {eval_fmt} format but --data {cfg.data} "
+                                   f"is in the {fmt} format; give both files the same fields")
+        elif len(rows) < 2:
+            raise LorakitError(f"{cfg.data} has one row, and it went to the held-out split (a seeded 10%, at least "
+                               "one row), leaving nothing to train on; add rows or pass --eval-data")
         else:  # hold out a seeded 10% (at most 1,000 rows)
-            order = list(range(len(train_records)))
-            random.Random(cfg.seed).shuffle(order)
+            order = list(range(len(rows)))
+            random.Random(cfg.train.seed).shuffle(order)
             n_eval = min(1000, max(1, len(order) // 10))
-            eval_records = [train_records[i] for i in order[:n_eval]]
-            train_records = [train_records[i] for i in order[n_eval:]]
+            eval_records, train_records = rows.subset(order[:n_eval]), rows.subset(order[n_eval:])
     if cfg.eval_size:
         eval_records = eval_records[:cfg.eval_size]
-    return train_records, eval_records
+    return fmt, train_records, eval_records
 
 
 def _choice_task(records: list[dict], tokenizer: Any, fmt: str, max_length: int) -> ChoiceTask | None:
@@ -230,9 +213,9 @@ def _choice_task(records: list[dict], tokenizer: Any, fmt: str, max_length: int)
 
 
 def _prompt_ids(example: dict[str, list[int]]) -> list[int]:
-    """The prompt part of a tokenized prompt/completion example (labels are -100 there)."""
+    """The prompt part of a tokenized prompt/completion example (labels are IGNORE_INDEX there)."""
     ids, labels = example["input_ids"], example["labels"]
-    end = next((i for i, label in enumerate(labels) if label != -100), len(ids))
+    end = next((i for i, label in enumerate(labels) if label != data.IGNORE_INDEX), len(ids))
     return list(ids[:end])
 
 
@@ -253,11 +236,15 @@ def _merged_agreement(model: nn.Module, prepared: Prepared, n: int = 100) -> tup
     return int((merged == unmerged).sum()), len(rows)
 
 
-def _settings(cfg: JobConfig) -> TrainSettings:
-    return TrainSettings(steps=cfg.steps, epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                         lr=cfg.lr, lora_plus_ratio=cfg.lora_plus_ratio, weight_decay=cfg.weight_decay,
-                         warmup_ratio=cfg.warmup_ratio, eval_every=cfg.eval_every, save_every=cfg.save_every,
-                         seed=cfg.seed, precision=cfg.precision, gradient_checkpointing=cfg.gradient_checkpointing)
+def _task(requested: str | None, fmt: str) -> str:
+    """The task the data trains, or the one asked for when the data fits it."""
+    fits = data.infer_task(fmt)
+    if requested is not None and requested != fits:
+        needs = "rows with 'text' and 'label'" if requested == "classification" else \
+            "rows with 'text', 'prompt' + 'completion' or 'messages'"
+        raise LorakitError(f"--task {requested} needs {needs}, but the data is in the {fmt} format "
+                           f"({' + '.join(data.FIELDS[fmt])}); drop --task to train {fits}")
+    return fits
 
 
 def _head_name(model: nn.Module) -> str:

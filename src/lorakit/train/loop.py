@@ -2,14 +2,13 @@
 clipping, mixed precision, checkpoints with exact resume, and DDP across processes.
 
 Every optimizer step sees one global batch of `batch_size` examples, fixed by (seed, epoch, step), split
-over ranks and accumulation micro-batches; the loss is normalised by the global number of labelled
-tokens, so one process and N processes compute the same update.
+over ranks and accumulation micro-batches; the loss is normalised by the global number of prediction
+targets (objectives.target_count), so one process and N processes compute the same update.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,11 +18,17 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .. import atomic
 from ..errors import LorakitError
 from ..optim import param_groups, warmup_cosine
 from . import checkpoint, distributed
-from .data import batch_order, shard
+from .metrics import METRICS, strict_json
+from .objectives import target_count
+from .batching import batch_order, shard
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Settings a resumed run may change: they steer evaluation, saving and speed, not what is learned.
+RESUMABLE_CHANGES = ("eval_every", "save_every", "precision", "gradient_checkpointing")
 LossFn = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, int]]
 
 
@@ -47,12 +52,39 @@ class TrainSettings:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise LorakitError(f"batch_size and grad_accum must be >= 1, got {self.batch_size}, {self.grad_accum}")
-        if self.steps is not None and self.steps < 1:
-            raise LorakitError(f"steps must be >= 1, got {self.steps}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise LorakitError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        """Types and ranges, so a bad value fails here and not steps into a run."""
+        for name in ("batch_size", "grad_accum"):
+            _check_number(name, getattr(self, name), integer=True, low=1)
+        if self.steps is not None:
+            _check_number("steps", self.steps, integer=True, low=1)
+        for name in ("eval_every", "save_every"):
+            _check_number(name, getattr(self, name), integer=True, low=0)
+        _check_number("seed", self.seed, integer=True, low=0, high=2**32 - 1)
+        _check_number("epochs", self.epochs, low=0, open_low=True)
+        _check_number("lr", self.lr, low=0, open_low=True)
+        _check_number("lora_plus_ratio", self.lora_plus_ratio, low=0, open_low=True)
+        _check_number("weight_decay", self.weight_decay, low=0)
+        _check_number("warmup_ratio", self.warmup_ratio, low=0, high=1, open_high=True)
+        if self.max_grad_norm is not None:
+            _check_number("max_grad_norm", self.max_grad_norm, low=0, open_low=True)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise LorakitError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
+        if self.precision not in PRECISIONS:
+            raise LorakitError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+def _check_number(name: str, value: Any, integer: bool = False, low: float | None = None, high: float | None = None,
+                  open_low: bool = False, open_high: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    bad = isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
+        or (low is not None and (value <= low if open_low else value < low)) \
+        or (high is not None and (value >= high if open_high else value > high))
+    if bad:
+        lower = "" if low is None else f"{'>' if open_low else '>='} {low}"
+        upper = "" if high is None else f"{'<' if open_high else '<='} {high}"
+        bounds = " and ".join(b for b in (lower, upper) if b)
+        kind = "an integer" if integer else "a number"
+        raise LorakitError(f"{name} must be {kind}{' ' + bounds if bounds else ''}, got {value!r}")
 
 
 @dataclass
@@ -98,6 +130,8 @@ class Trainer:
 
     # ---- public ------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:
+        if not resume:
+            self._start_metrics()
         step, history = self._resume() if resume else (0, [])
         result = TrainResult(steps=step, seconds=0.0, tokens=0, history=history)
         start = time.perf_counter()
@@ -114,6 +148,9 @@ class Trainer:
                         and step < self.total:
                     record |= self._evaluate()
                 self._log(record, result)
+                if not math.isfinite(loss):
+                    raise LorakitError(f"loss became {loss} at step {step}; lower the learning rate (--lr), clip "
+                                       "gradients, or train in fp32 (--precision fp32)")
                 advance(record)
                 if self.settings.save_every and step % self.settings.save_every == 0 and step < self.total:
                     self._checkpoint(step, result.history)
@@ -130,8 +167,7 @@ class Trainer:
         mine = shard([global_batch], self.rank, self.world)[0]
         micro = [mine[i::self.settings.grad_accum] for i in range(self.settings.grad_accum)]
         batches = [_to(self.collate([self.examples[i] for i in m]), self.device) for m in micro if m]
-        local_count = sum(int((b["labels"] != -100).sum()) if b["labels"].dim() > 1 else b["labels"].numel()
-                          for b in batches)
+        local_count = sum(target_count(b) for b in batches)
         global_count = distributed.all_reduce_sum(local_count, self.device)
         loss_sum, tokens = 0.0, 0
         for i, batch in enumerate(batches):
@@ -143,9 +179,9 @@ class Trainer:
             loss_sum += float(loss.detach())
             tokens += int(batch["attention_mask"].sum())
         mean_loss = distributed.all_reduce_sum(loss_sum, self.device) / max(global_count, 1.0)
-        if not math.isfinite(mean_loss):
-            raise LorakitError(f"loss became {mean_loss} at step {step + 1}; lower the learning rate (--lr), "
-                               "clip gradients, or train in fp32 (--precision fp32)")
+        if not math.isfinite(mean_loss):  # no update from it; run() records the step, then stops
+            self.optimizer.zero_grad(set_to_none=True)
+            return mean_loss, int(distributed.all_reduce_sum(tokens, self.device))
         self.scaler.unscale_(self.optimizer)
         if self.settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
@@ -171,25 +207,43 @@ class Trainer:
         result.history.append(record)
         if self.out_dir is not None and distributed.is_main():
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            with open(self.out_dir / METRICS, "a") as handle:
+                handle.write(strict_json(record) + "\n")
+
+    def _start_metrics(self) -> None:
+        """A fresh run never appends to metrics another run wrote."""
+        if self.out_dir is not None and distributed.is_main() and (self.out_dir / METRICS).exists():
+            raise LorakitError(f"{self.out_dir} already holds {METRICS} of an earlier run; resume it (resume=True) "
+                               "or train into another folder")
 
     def _checkpoint(self, step: int, history: list[dict[str, Any]]) -> None:
         if self.out_dir is not None and distributed.is_main():
             checkpoint.save(self.out_dir / "checkpoints", step, self.model, self.optimizer, self.scheduler,
-                            {"history": history, "settings": asdict(self.settings)})
+                            {"history": history, "settings": asdict(self.settings), "examples": len(self.examples)})
         distributed.barrier()
 
     def _resume(self) -> tuple[int, list[dict[str, Any]]]:
         path = checkpoint.latest(self.out_dir / "checkpoints") if self.out_dir else None
         if path is None:
-            raise LorakitError(f"--resume: no checkpoint under {self.out_dir}/checkpoints; train without --resume "
-                               "(checkpoints are written every --save-every steps)")
-        state = checkpoint.restore(path, self.model, self.optimizer, self.scheduler)
+            raise LorakitError(f"--resume: no checkpoint under {self.out_dir}/checkpoints (they are written every "
+                               "--save-every steps); start the run afresh with --overwrite instead of --resume")
+        state = checkpoint.read_state(path)
+        self._check_same_job(path, state["extra"])
+        state = checkpoint.restore(path, self.model, self.optimizer, self.scheduler, state)
         if self.out_dir is not None and distributed.is_main():  # metrics after the checkpoint are replayed
-            lines = [json.dumps(r) for r in state["extra"]["history"]]
-            (self.out_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+            lines = [strict_json(r) for r in state["extra"]["history"]]
+            atomic.write_text(self.out_dir / METRICS, "".join(line + "\n" for line in lines))
         return state["step"], list(state["extra"]["history"])
+
+    def _check_same_job(self, path: Path, saved: dict[str, Any]) -> None:
+        """A checkpoint continues only the job that wrote it: same optimisation settings and data size."""
+        now = asdict(self.settings) | {"examples": len(self.examples)}
+        was = saved.get("settings", {}) | {"examples": saved.get("examples")}
+        changed = [f"{k}: was {was.get(k)!r}, now {now[k]!r}" for k in sorted(now)
+                   if k not in RESUMABLE_CHANGES and was.get(k) != now[k]]
+        if changed:
+            raise LorakitError(f"--resume: {path} was written with other settings ({'; '.join(changed)}); resume "
+                               "with the same settings, or start a new run in another folder")
 
     @contextlib.contextmanager
     def _progress_bar(self, step: int):

@@ -14,21 +14,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE = -100
+from .batching import IGNORE_INDEX
+
+def shifted_targets(batch: dict[str, Tensor]) -> Tensor:
+    """The token each position predicts, IGNORE_INDEX where there is none: position t predicts labels[t + 1]
+    only when both t and t + 1 are real tokens, so a row's first token after left padding is not a target
+    predicted from a pad."""
+    labels, mask = batch["labels"], batch["attention_mask"]
+    real = (mask[:, :-1] != 0) & (mask[:, 1:] != 0)
+    return labels[:, 1:].masked_fill(~real, IGNORE_INDEX)
+
+
+def target_count(batch: dict[str, Tensor]) -> int:
+    """How many predictions a batch's loss sums over: shifted causal-LM targets, or one label per row."""
+    labels = batch["labels"]
+    return int((shifted_targets(batch) != IGNORE_INDEX).sum()) if labels.dim() > 1 else labels.numel()
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
-    """(sum of token losses over labelled positions, number of labelled positions)."""
-    input_ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    targets = labels[:, 1:]
-    labelled = targets != IGNORE
+    """(sum of token losses over the shifted targets, number of targets)."""
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    targets = shifted_targets(batch)
+    labelled = targets != IGNORE_INDEX
     count = int(labelled.sum())
     if count == 0:
         return input_ids.new_zeros((), dtype=torch.float32), 0
     first = int(labelled.any(0).nonzero()[0])  # earliest column (of the shifted targets) with a label
     keep = targets.shape[1] - first
     logits = tail_logits(model, input_ids, mask, keep + 1)[:, :-1]  # the last column predicts past the input
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, first:].flatten(), ignore_index=IGNORE,
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, first:].flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
     return loss, count
 
@@ -62,13 +76,6 @@ def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
     """The kept positions arrive as a strided slice; contiguous, the head is one matrix multiply instead
     of a batched one that reads the whole (vocab x hidden) weight once per row."""
     return (args[0].contiguous(), *args[1:])
-
-
-@torch.no_grad()
-def choice_predictions(model: nn.Module, batch: dict[str, Tensor], candidate_ids: Tensor) -> Tensor:
-    """Index of the candidate answer whose first token the model ranks highest after each prompt."""
-    logits = tail_logits(model, batch["input_ids"], batch["attention_mask"], 1)[:, 0]
-    return logits[:, candidate_ids].argmax(-1)
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from .job import JobConfig, JobReport
+from .job import JobReport
+from .job_config import JobConfig
 
 
 def print_summary(console: Console, cfg: JobConfig, report: JobReport) -> None:
@@ -15,10 +16,11 @@ def print_summary(console: Console, cfg: JobConfig, report: JobReport) -> None:
     share = 100 * report.trainable / report.total
     rows = [
         ("model / data", f"{cfg.model} / {cfg.data}"),
-        ("LoRA", f"r={cfg.r}, alpha={cfg.alpha}, targets={cfg.target or 'architecture default'}"),
+        ("LoRA", f"r={cfg.lora.r}, alpha={cfg.lora.alpha}, "
+                 f"targets={cfg.lora.target_modules or 'architecture default'}"),
         ("trainable parameters", f"{report.trainable:,} of {report.total:,} ({share:.2f}%)"),
         ("examples", f"{report.n_train:,} train, {report.n_eval:,} held out"),
-        ("steps", f"{report.train.steps} x batch {cfg.batch_size}"),
+        ("steps", f"{report.train.steps} x batch {cfg.train.batch_size}"),
         ("time", f"{report.train.seconds:.0f} s training, {report.train.tokens / max(report.train.seconds, 1e-9):,.0f}"
                  " tokens/s"),
         ("peak memory", f"{report.peak_memory_mb:,.0f} MB"),

@@ -1,0 +1,148 @@
+"""The settings of `lorakit train`: a JobConfig holds the adapter's LoraConfig and the optimiser's
+TrainSettings beside the job's own fields, and is built from flag names (`--batch-size`, a config file's
+`batch_size:` or `batch-size:`), every value coerced and range-checked before anything loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import LoraConfig
+from ..errors import LorakitError
+from .loop import TrainSettings
+
+TASK_NAMES = ("causal-lm", "classification")  # what --task accepts
+QUANT_TYPES = ("nf4", "fp4")
+
+# Flag names of the adapter's settings -> LoraConfig fields.
+LORA_FLAGS = {"r": "r", "alpha": "alpha", "dropout": "dropout", "target": "target_modules", "init": "init",
+              "use_dora": "use_dora", "use_rslora": "use_rslora"}
+TRAIN_FLAGS = {f.name: f.name for f in dataclasses.fields(TrainSettings)}
+ALIASES = {"dora": "use_dora", "rslora": "use_rslora"}  # the CLI's --dora / --rslora
+
+
+@dataclass
+class JobConfig:
+    """Every setting of `lorakit train`; build it from flag names with `JobConfig.of(...)`."""
+
+    model: str = "default"
+    data: str = "default"
+    eval_data: str | None = None
+    task: str | None = None
+    out: str = "runs/train"
+    quantize: str | None = None
+    max_length: int = 256
+    eval_size: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    dry_run: bool = False
+    nproc: int = 1
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task not in TASK_NAMES:
+            raise LorakitError(f"task must be one of {', '.join(TASK_NAMES)}, got {self.task!r}")
+        if self.quantize is not None and self.quantize not in QUANT_TYPES:
+            raise LorakitError(f"quantize must be one of {', '.join(QUANT_TYPES)}, got {self.quantize!r}")
+        for name, low in (("max_length", 2), ("nproc", 1), ("eval_size", 1)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise LorakitError(f"{name} must be >= {low}, got {value}")
+        if self.resume and self.overwrite:
+            raise LorakitError("resume continues the run in --out and overwrite deletes it; choose one")
+
+    @classmethod
+    def of(cls, origin: str = "", **settings: Any) -> JobConfig:
+        """A checked JobConfig from flag names; `origin` (e.g. "--config run.yaml") prefixes type errors."""
+        job, lora, train = {}, {}, {}
+        hints = setting_types()
+        for key, value in settings.items():
+            name = flag_name(key, origin)
+            value = coerce(name, value, hints[name], origin)
+            if name in LORA_FLAGS:
+                lora[LORA_FLAGS[name]] = value
+            elif name in TRAIN_FLAGS:
+                train[name] = value
+            else:
+                job[name] = value
+        return cls(**job, lora=LoraConfig(**lora), train=TrainSettings(**train))
+
+    def settings(self) -> dict[str, Any]:
+        """Flag name -> value for every setting: what run.json records and `--resume` compares."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("lora", "train")}
+        values |= {flag: getattr(self.lora, name) for flag, name in LORA_FLAGS.items()}
+        return values | dataclasses.asdict(self.train)
+
+
+def flag_names() -> list[str]:
+    return sorted(setting_types())
+
+
+def flag_name(key: str, origin: str = "") -> str:
+    """The setting a key names: `batch-size`, `batch_size` and the CLI's aliases all count."""
+    name = str(key).replace("-", "_")
+    name = ALIASES.get(name, name)
+    if name not in setting_types():
+        where = f"{origin}: " if origin else ""
+        if name == "config":
+            raise LorakitError(f"{where}a config file cannot name another one (config:); merge them into one file")
+        raise LorakitError(f"{where}unknown setting {key!r}; known: {', '.join(flag_names())}")
+    return name
+
+
+def coerce(name: str, value: Any, hint: Any, origin: str = "") -> Any:
+    """`value` as the type the setting needs; numbers written as strings (YAML reads `1e-3` as one) count."""
+    options = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in options:
+        return None
+    where = f"{origin}: " if origin else ""
+    if int in options and float not in options:
+        number = _number(value)
+        if number is None or not float(number).is_integer():
+            raise LorakitError(f"{where}{name} must be an integer, got {value!r}")
+        return int(number)
+    if float in options:
+        number = _number(value)
+        if number is None or not math.isfinite(number):
+            raise LorakitError(f"{where}{name} must be a finite number, got {value!r}")
+        return number
+    if bool in options:
+        if not isinstance(value, bool):
+            raise LorakitError(f"{where}{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, str):
+        return value
+    if list[str] in options and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    kind = "a string or a list of strings" if list[str] in options else "a string"
+    raise LorakitError(f"{where}{name} must be {kind}, got {value!r}")
+
+
+def _number(value: Any) -> float | int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
+
+
+def setting_types() -> dict[str, Any]:
+    """Flag name -> type of every setting (JobConfig's own fields, then the adapter's and the optimiser's)."""
+    job = typing.get_type_hints(JobConfig)
+    lora = typing.get_type_hints(LoraConfig)
+    hints = {name: hint for name, hint in job.items() if name not in ("lora", "train")}
+    hints |= {flag: lora[name] for flag, name in LORA_FLAGS.items()}
+    return hints | typing.get_type_hints(TrainSettings)
