@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import LorakitError
+from .embedding import QuantTable, dequantize_embeddings, embedding_pair, quantize_embeddings
 from .linear4bit import Linear4bit, linear_weight
 from .tensor import check_config
 
@@ -24,6 +25,7 @@ class QuantReport:
     dense_bytes: int  # what their weights took in their original dtype
     quantized_bytes: int  # what their codes and statistics take
     model_bytes: int  # whole model now (parameters and buffers, shared tensors counted once)
+    tables: int = 0  # quantized embedding / output-head tables (a tied pair is one table), counted in the bytes
 
     @property
     def model_bytes_before(self) -> int:
@@ -31,21 +33,24 @@ class QuantReport:
 
     def __str__(self) -> str:
         mib = 2**20
-        return (f"{self.layers} linear layers in 4 bits: model {self.model_bytes_before / mib:.1f} MiB -> "
+        tables = f" and {self.tables} embedding table{'s' * (self.tables > 1)}" if self.tables else ""
+        return (f"{self.layers} linear layers{tables} quantized: model {self.model_bytes_before / mib:.1f} MiB -> "
                 f"{self.model_bytes / mib:.1f} MiB (those weights {self.dense_bytes / mib:.1f} MiB -> "
                 f"{self.quantized_bytes / mib:.1f} MiB)")
 
 
 def quantization_report(model: nn.Module) -> QuantReport:
-    """Count the model's memory now and what its Linear4bit weights took before quantization."""
+    """Count the model's memory now and what its Linear4bit weights and quantized tables took before."""
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    tables = [m for m in model.modules() if isinstance(m, QuantTable) and getattr(m, "table", m) is m]
     dense = sum(m.in_features * m.out_features * m.weight_dtype.itemsize for m in layers)
-    quantized = sum(m.quantized_weight.nbytes for m in layers)
+    dense += sum(m.rows * m.cols * m.weight_dtype.itemsize for m in tables)
+    quantized = sum(m.quantized_weight.nbytes for m in layers) + sum(m.nbytes for m in tables)
     seen: dict[int, int] = {}
     for tensor in [*model.parameters(), *model.buffers()]:
         key = tensor.data_ptr() or id(tensor)  # shared storage counted once; meta tensors have no pointer
         seen[key] = max(seen.get(key, 0), tensor.numel() * tensor.element_size())
-    return QuantReport(len(layers), dense, quantized, sum(seen.values()))
+    return QuantReport(len(layers), dense, quantized, sum(seen.values()), len(tables))
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -78,6 +83,7 @@ def quantize_model(
     skip: list[str] | tuple[str, ...] = ("lm_head",),
     blocksize: int = 64,
     double_quant: bool = True,
+    embeddings: str | None = None,
 ) -> nn.Module:
     """Replace the model's nn.Linear layers (and transformers' Conv1D, as the nn.Linear it computes) with
     Linear4bit in place and return the model.
@@ -85,6 +91,8 @@ def quantize_model(
     `skip` holds module names (exact or dotted suffix) to keep dense; the output head
     (`model.get_output_embeddings()`) and weights tied to other modules always stay dense.
     Layers are converted one at a time, each dense weight freed as soon as nothing else holds it.
+    `embeddings` ("int8" row-wise, "nf4" or "fp4" blockwise; default None: dense) also stores the input
+    embeddings and the output head quantized (quant/embedding.py); a head tied to the embeddings stays tied.
     See `quantization_report(model)` for the memory saved (also logged at INFO).
     """
     check_config(quant_type, blocksize)
@@ -93,6 +101,8 @@ def quantize_model(
     if isinstance(model, nn.Linear):
         raise LorakitError("quantize_model replaces layers inside a model; for a single nn.Linear use "
                            "Linear4bit.from_linear(linear)")
+    if embeddings is not None:
+        embedding_pair(model, embeddings, blocksize)  # every check before any layer changes
     names = _linear_names(model, list(skip))
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -103,6 +113,8 @@ def quantize_model(
         except LorakitError as err:
             raise LorakitError(f"cannot quantize {name}: {err}") from err
         setattr(parent, child, layer)
+    if embeddings is not None:
+        quantize_embeddings(model, embeddings, blocksize, double_quant)
     logger.info("lorakit: %s", quantization_report(model))
     return model
 
@@ -110,7 +122,8 @@ def quantize_model(
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every Linear4bit with an nn.Linear holding its dequantized weight (in `dtype`, default the
     dtype it was quantized from; the weight stays frozen) in place, and return the model. A quantized
-    GPT-2 Conv1D comes back as the nn.Linear it computes."""
+    GPT-2 Conv1D comes back as the nn.Linear it computes; quantized embeddings and head come back as
+    nn.Embedding and nn.Linear, tied again if they were."""
     if isinstance(model, Linear4bit):
         raise LorakitError("dequantize_model replaces layers inside a model; for one layer use layer.to_linear()")
     names = [name for name, module in model.named_modules() if isinstance(module, Linear4bit)]
@@ -118,4 +131,4 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, parent.get_submodule(child).to_linear(dtype))
-    return model
+    return dequantize_embeddings(model, dtype)

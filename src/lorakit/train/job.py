@@ -55,6 +55,7 @@ class JobConfig:
     use_rslora: bool = False
     target: list[str] | str | None = None
     quantize: str | None = None
+    quantize_embeddings: str | None = None  # with quantize: also the embeddings and head (int8, nf4, fp4)
     seed: int = 0
     resume: bool = False
     max_length: int = 256
@@ -69,6 +70,8 @@ class JobConfig:
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in TASKS:
             raise LorakitError(f"--task must be one of {TASKS}, got {self.task!r}")
+        if self.quantize_embeddings and not self.quantize:
+            raise LorakitError("--quantize-embeddings applies to a quantized base; add --quantize nf4")
 
 
 @dataclass
@@ -169,7 +172,8 @@ def prepare(cfg: JobConfig, device: torch.device, adapter: str | None = None) ->
     if cfg.quantize:
         from ..quant import quantize_model
 
-        quantize_model(model, cfg.quantize, compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        quantize_model(model, cfg.quantize, compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                       embeddings=cfg.quantize_embeddings)
     head = _head_name(model) if task == "classification" else None
     if adapter is not None:
         io.load(model, adapter)
