@@ -155,3 +155,11 @@ def test_bad_settings_name_the_fix():
         JobConfig(quantize_embeddings="int8")
     with pytest.raises(LorakitError, match="already"):
         embedding.quantize_embeddings(_quantized(True, "int8"), "int8")
+
+
+def test_a_hugging_face_folder_is_refused_rather_than_written_unloadable(tmp_path):
+    from lorakit.quant.hf_folder import save_quantized
+
+    with pytest.raises(FormatError, match="state_dict"):
+        save_quantized(_quantized(True, "int8"), None, tmp_path)
+    assert not any(tmp_path.iterdir())
