@@ -460,6 +460,15 @@ def _cell(value: object) -> str:
     return "" if value is None else str(value)
 
 
+def _detail(check: dict) -> str:
+    """Errors in scientific notation, byte comparisons by shape, or what went wrong."""
+    if "error" in check:
+        return check["error"][:100]
+    parts = [f"{k} {v:.1e}" for k, v in check.items() if "error" in k or k == "adapter_effect"]
+    parts += [f"{k}: {'identical' if v['identical'] else v}" for k, v in check.items() if isinstance(v, dict)]
+    return "; ".join(parts)
+
+
 def report(result: dict) -> None:
     env = result["environment"]
     print(f"# bench/gpu_check.py on {env['date']}: {env.get('gpu', env['device'])}, torch {env['torch']} "
@@ -467,11 +476,11 @@ def report(result: dict) -> None:
           f"{env['bitsandbytes']}; {'tiny shapes' if result['tiny'] else 'full shapes'}, "
           f"{result['elapsed_s']:.0f} s of a {result['budget_s']:.0f} s budget")
     print("\nChecks")
-    table([[name, "ok" if r["ok"] else "FAILED", _cell(r.get("max_rel_error", r.get("merged_max_rel_error"))),
-            r.get("error", "")[:80]] for name, r in result["checks"].items()],
-          ["check", "result", "max rel error", "error"])
+    table([[name, "ok" if r["ok"] else "FAILED", _detail(r)] for name, r in result["checks"].items()],
+          ["check", "result", "detail"])
     for name, section in result["measurements"].items():
-        print(f"\n{name}: " + ", ".join(f"{k} {_cell(v)}" for k, v in section.items() if k not in ("rows", "traceback")))
+        summary = ", ".join(f"{k} {_cell(v)}" for k, v in section.items() if k not in ("rows", "traceback"))
+        print(f"\n{name}: {summary}")
         if section.get("rows"):
             columns = list(dict.fromkeys(k for row in section["rows"] for k in row))
             table([[_cell(row.get(c)) for c in columns] for row in section["rows"]], columns)

@@ -80,8 +80,9 @@ class QuantTable(nn.Module):
     @property
     def quantized_weight(self) -> QuantizedTensor:
         """The 4-bit table as a QuantizedTensor sharing this module's buffers (nf4/fp4 tables only)."""
+        shape = torch.Size((self.rows, self.cols))
         return QuantizedTensor(self.weight.view(-1), self.absmax, self.quant_map, self.table_type, self.blocksize,
-                               torch.Size((self.rows, self.cols)), self.weight_dtype, self._buffers.get("nested_absmax"),
+                               shape, self.weight_dtype, self._buffers.get("nested_absmax"),
                                self._buffers.get("nested_quant_map"), self.nested_offset)
 
     @property
