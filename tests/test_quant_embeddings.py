@@ -163,3 +163,19 @@ def test_a_hugging_face_folder_is_refused_rather_than_written_unloadable(tmp_pat
     with pytest.raises(FormatError, match="state_dict"):
         save_quantized(_quantized(True, "int8"), None, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = _quantized(True, "nf4")
+        torch.manual_seed(5)
+        lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ids = _ids()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7)
