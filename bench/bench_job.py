@@ -163,8 +163,8 @@ def report(runs: dict[str, list[dict]], peaks: list[float]) -> None:
         rows.append([side, ", ".join(f"{r['seconds']:.1f}" for r in found), f"{run['seconds']:.1f}",
                      f"{tokens_per_s:,.0f}", f"{run['peak_rss_mb']:,.0f}", f"{run['accuracy']:.4f}",
                      f"{100 * mfu:.1f}%"])
-    print(f"bf16 matmul peak on the model's shapes: {peak:.2f} TFLOP/s (runs: "
-          f"{', '.join(f'{p:.2f}' for p in peaks)})")
+    print(f"bf16 matmul peak on the model's shapes: {peak:.3g} TFLOP/s (runs: "
+          f"{', '.join(f'{p:.3g}' for p in peaks)})")
     table(rows, ["side", "training s per round", "median s", "tokens/s", "peak RSS MB", "accuracy", "MFU"])
     ours, theirs = medians["lorakit"], medians["peft_trainer"]
     print(f"lorakit / PEFT + Trainer: time {ours['seconds'] / theirs['seconds']:.2f}x (target <= 0.5x), peak RSS "
