@@ -31,7 +31,8 @@ def _model_bytes(model: nn.Module) -> int:
     return sum(tensors.values())
 
 
-def _bnb_quantize(model: nn.Module) -> None:
+def _bnb_quantize(model: nn.Module, device: torch.device | str = "cpu") -> None:
+    """bitsandbytes' Linear4bit for every linear but the head; it quantizes when moved to `device`."""
     import bitsandbytes as bnb
 
     for name, module in list(model.named_modules()):
@@ -40,7 +41,7 @@ def _bnb_quantize(model: nn.Module) -> None:
                                       compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
             layer.load_state_dict(module.state_dict())
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, layer.to("cpu"))
+            setattr(model.get_submodule(parent), child, layer.to(device))
 
 
 def run(config: str, args: argparse.Namespace) -> dict:

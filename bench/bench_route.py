@@ -82,15 +82,15 @@ def _model() -> GPT2LMHeadModel:
 
 def _inputs(model: nn.Module, shape: Shape) -> dict:
     """Token ids for the shape, plus for decode a static cache holding a base-model prefix in every row."""
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, VOCAB, (shape.rows, shape.tokens), generator=generator)
+    generator, device = torch.Generator().manual_seed(1), next(model.parameters()).device
+    ids = torch.randint(0, VOCAB, (shape.rows, shape.tokens), generator=generator).to(device)
     if not shape.cache:
         return {"input_ids": ids}
     cache = StaticCache(config=model.config, max_cache_len=shape.cache + shape.tokens)
-    prefix = torch.randint(0, VOCAB, (1, shape.cache), generator=generator)
+    prefix = torch.randint(0, VOCAB, (1, shape.cache), generator=generator).to(device)
     with torch.inference_mode():
         model(prefix, past_key_values=cache, logits_to_keep=1)
-    cache.reorder_cache(torch.zeros(shape.rows, dtype=torch.long))  # every row continues row 0's prefix
+    cache.reorder_cache(torch.zeros(shape.rows, dtype=torch.long, device=device))  # every row continues row 0's prefix
     return {"input_ids": ids, "past_key_values": cache}
 
 

@@ -139,6 +139,8 @@ def train(
     use_dora: Optional[bool] = typer.Option(None, "--dora/--no-dora", help="DoRA: learn a magnitude per output"),
     use_rslora: Optional[bool] = typer.Option(None, "--rslora/--no-rslora", help="rsLoRA: scale alpha / sqrt(r)"),
     quantize: Optional[str] = typer.Option(None, help="QLoRA: keep the base in nf4 or fp4"),
+    quantize_embeddings: Optional[str] = typer.Option(None, help="with --quantize: embeddings and head in int8, "
+                                                      "nf4 or fp4 too"),
     seed: Optional[int] = typer.Option(None, help="seed for data order and initialization"),
     max_length: Optional[int] = typer.Option(None, help="longest tokenized example (longer rows are truncated)"),
     eval_every: Optional[int] = typer.Option(None, help="evaluate every N steps (0: before and after only)"),

@@ -20,6 +20,7 @@ from torch import nn
 from .. import atomic
 from ..errors import FormatError
 from ..module_tree import replace_module
+from .embedding import QuantTable
 from .linear4bit import Linear4bit, linear_weight
 
 QUANT_STATE = ".weight.quant_state.bitsandbytes__"
@@ -33,6 +34,9 @@ def save_quantized(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike)
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     if not layers:
         raise FormatError("the model has no 4-bit layers; quantize it first (lk.quantize_model)")
+    if any(isinstance(m, QuantTable) for m in model.modules()):
+        raise FormatError("transformers cannot load quantized embeddings from a folder; save model.state_dict() "
+                          "instead (docs/formats.md) or quantize without embeddings=")
     first = layers[0]
     config = model.config.to_dict()
     config["quantization_config"] = {

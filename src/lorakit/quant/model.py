@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import LorakitError
 from ..module_tree import name_matches, replace_module
+from .embedding import QuantTable, dequantize_embeddings, embedding_pair, quantize_embeddings
 from .linear4bit import Linear4bit, linear_weight
 from .tensor import check_config
 
@@ -25,6 +26,7 @@ class QuantReport:
     dense_bytes: int  # what their weights took in their original dtype
     quantized_bytes: int  # what their codes and statistics take
     model_bytes: int  # whole model now (parameters and buffers, shared tensors counted once)
+    tables: int = 0  # quantized embedding / output-head tables (a tied pair is one table), counted in the bytes
 
     @property
     def model_bytes_before(self) -> int:
@@ -32,21 +34,24 @@ class QuantReport:
 
     def __str__(self) -> str:
         mib = 2**20
-        return (f"{self.layers} linear layers in 4 bits: model {self.model_bytes_before / mib:.1f} MiB -> "
+        tables = f" and {self.tables} embedding table{'s' * (self.tables > 1)}" if self.tables else ""
+        return (f"{self.layers} linear layers{tables} quantized: model {self.model_bytes_before / mib:.1f} MiB -> "
                 f"{self.model_bytes / mib:.1f} MiB (those weights {self.dense_bytes / mib:.1f} MiB -> "
                 f"{self.quantized_bytes / mib:.1f} MiB)")
 
 
 def quantization_report(model: nn.Module) -> QuantReport:
-    """Count the model's memory now and what its Linear4bit weights took before quantization."""
+    """Count the model's memory now and what its Linear4bit weights and quantized tables took before."""
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    tables = [m for m in model.modules() if isinstance(m, QuantTable) and getattr(m, "table", m) is m]
     dense = sum(m.in_features * m.out_features * m.weight_dtype.itemsize for m in layers)
-    quantized = sum(m.quantized_weight.nbytes for m in layers)
+    dense += sum(m.rows * m.cols * m.weight_dtype.itemsize for m in tables)
+    quantized = sum(m.quantized_weight.nbytes for m in layers) + sum(m.nbytes for m in tables)
     seen: dict[int, int] = {}
     for tensor in [*model.parameters(), *model.buffers()]:
         key = tensor.data_ptr() or id(tensor)  # shared storage counted once; meta tensors have no pointer
         seen[key] = max(seen.get(key, 0), tensor.numel() * tensor.element_size())
-    return QuantReport(len(layers), dense, quantized, sum(seen.values()))
+    return QuantReport(len(layers), dense, quantized, sum(seen.values()), len(tables))
 
 
 def linear_names(model: nn.Module, skip: list[str]) -> list[str]:
@@ -75,6 +80,7 @@ def quantize_model(
     skip: list[str] | tuple[str, ...] = ("lm_head",),
     blocksize: int = 64,
     double_quant: bool = True,
+    embeddings: str | None = None,
 ) -> nn.Module:
     """Replace the model's nn.Linear layers (and transformers' Conv1D, as the nn.Linear it computes) with
     Linear4bit in place and return the model.
@@ -82,6 +88,8 @@ def quantize_model(
     `skip` holds module names (exact or dotted suffix) to keep dense; the output head
     (`model.get_output_embeddings()`) and weights tied to other modules always stay dense.
     Layers are converted one at a time, each dense weight freed as soon as nothing else holds it.
+    `embeddings` ("int8" row-wise, "nf4" or "fp4" blockwise; default None: dense) also stores the input
+    embeddings and the output head quantized (quant/embedding.py); a head tied to the embeddings stays tied.
     See `quantization_report(model)` for the memory saved (also logged at INFO).
     """
     check_config(quant_type, blocksize)
@@ -90,6 +98,8 @@ def quantize_model(
     if isinstance(model, nn.Linear):
         raise LorakitError("quantize_model replaces layers inside a model; for a single nn.Linear use "
                            "Linear4bit.from_linear(linear)")
+    if embeddings is not None:
+        embedding_pair(model, embeddings, blocksize)  # every check before any layer changes
     names = linear_names(model, list(skip))
     for name in names:
         try:
@@ -98,6 +108,8 @@ def quantize_model(
         except LorakitError as err:
             raise LorakitError(f"cannot quantize {name}: {err}") from err
         replace_module(model, name, layer)
+    if embeddings is not None:
+        quantize_embeddings(model, embeddings, blocksize, double_quant)
     logger.info("lorakit: %s", quantization_report(model))
     return model
 
@@ -105,10 +117,11 @@ def quantize_model(
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every Linear4bit with an nn.Linear holding its dequantized weight (in `dtype`, default the
     dtype it was quantized from; the weight stays frozen) in place, and return the model. A quantized
-    GPT-2 Conv1D comes back as the nn.Linear it computes."""
+    GPT-2 Conv1D comes back as the nn.Linear it computes; quantized embeddings and head come back as
+    nn.Embedding and nn.Linear, tied again if they were."""
     if isinstance(model, Linear4bit):
         raise LorakitError("dequantize_model replaces layers inside a model; for one layer use layer.to_linear()")
     names = [name for name, module in model.named_modules() if isinstance(module, Linear4bit)]
     for name in names:
         replace_module(model, name, model.get_submodule(name).to_linear(dtype))
-    return model
+    return dequantize_embeddings(model, dtype)

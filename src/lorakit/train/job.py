@@ -144,7 +144,8 @@ def prepare(cfg: JobConfig, device: torch.device, adapter: str | None = None) ->
     if cfg.quantize:
         from ..quant import quantize_model
 
-        quantize_model(model, cfg.quantize, compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        quantize_model(model, cfg.quantize, compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                       embeddings=cfg.quantize_embeddings)
     head = _head_name(model) if task == "classification" else None
     if adapter is not None:
         io.load(model, adapter)

@@ -13,10 +13,11 @@ from typing import Any
 
 from ..config import LoraConfig
 from ..errors import LorakitError
+from ..quant.codes import QUANT_TYPES
+from ..quant.embedding import TABLE_TYPES
 from .loop import TrainSettings
 
 TASK_NAMES = ("causal-lm", "classification")  # what --task accepts
-QUANT_TYPES = ("nf4", "fp4")
 
 # Flag names of the adapter's settings -> LoraConfig fields.
 LORA_FLAGS = {"r": "r", "alpha": "alpha", "dropout": "dropout", "target": "target_modules", "init": "init",
@@ -35,6 +36,7 @@ class JobConfig:
     task: str | None = None
     out: str = "runs/train"
     quantize: str | None = None
+    quantize_embeddings: str | None = None  # with quantize: the embeddings and head too (int8, nf4, fp4)
     max_length: int = 256
     eval_size: int | None = None
     resume: bool = False
@@ -49,6 +51,12 @@ class JobConfig:
             raise LorakitError(f"task must be one of {', '.join(TASK_NAMES)}, got {self.task!r}")
         if self.quantize is not None and self.quantize not in QUANT_TYPES:
             raise LorakitError(f"quantize must be one of {', '.join(QUANT_TYPES)}, got {self.quantize!r}")
+        if self.quantize_embeddings is not None:
+            if self.quantize_embeddings not in TABLE_TYPES:
+                raise LorakitError(f"quantize_embeddings must be one of {', '.join(TABLE_TYPES)}, "
+                                   f"got {self.quantize_embeddings!r}")
+            if self.quantize is None:
+                raise LorakitError("quantize_embeddings applies to a quantized base; add --quantize nf4")
         for name, low in (("max_length", 2), ("nproc", 1), ("eval_size", 1)):
             value = getattr(self, name)
             if value is not None and value < low:
