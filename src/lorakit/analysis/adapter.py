@@ -72,7 +72,7 @@ def analyze(model: nn.Module, adapter: str, other: str | None = None, with_ampli
         entry = LayerAnalysis(module, update.rank, float(s.S.pow(2).sum().sqrt()), s.S,
                               effective_rank(s.S, 0.9), effective_rank(s.S, 0.99))
         if with_amplification:
-            entry.amplification = amplification((update.B, update.A), layer.lora_dense_weight(), seed=seed)
+            entry.amplification = amplification(s, layer.lora_dense_weight(), seed=seed)
         if other is not None and other in layer.lora_adapters:
             second = layer_update(layer, other, module)
             entry.similarity_A = similarity_grid(right_singular_vectors(update.A), right_singular_vectors(second.A))

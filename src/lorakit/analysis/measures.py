@@ -44,7 +44,8 @@ def effective_rank(singular: Tensor, energy: float = 0.9) -> int:
 
 def right_singular_vectors(A: Tensor) -> Tensor:
     """Orthonormal columns (d, r): the right-singular vectors of A (r x d), strongest first."""
-    return torch.linalg.svd(A.detach().double().flatten(1), full_matrices=False).Vh.T
+    Q, R = torch.linalg.qr(A.detach().double().flatten(1).T)  # A = Rᵀ·Qᵀ: only an r x r SVD is left
+    return Q @ torch.linalg.svd(R.T, full_matrices=False).Vh.T
 
 
 def similarity_grid(U1: Tensor, U2: Tensor) -> Tensor:
@@ -97,23 +98,30 @@ class Amplification:
         return asdict(self) | {"factor": self.factor}
 
 
-def amplification(delta: Delta, W: Tensor, rank: int | None = None, seed: int = 0) -> Amplification:
-    """Table 7's quantities for update `delta` of weight `W` (out, in); `rank` defaults to ΔW's own rank."""
-    W = W.detach().double().flatten(1)
-    s = spectrum(delta)
+def amplification(delta: Delta | Spectrum, W: Tensor, rank: int | None = None, seed: int = 0) -> Amplification:
+    """Table 7's quantities for update `delta` (or its Spectrum) of weight `W` (out, in); `rank` defaults to
+    ΔW's own rank. Projections of W run in W's float32: they feed ratios, not reconstructions."""
+    W = W.detach().float().flatten(1)
+    s = delta if isinstance(delta, Spectrum) else spectrum(delta)
     if (s.U.shape[0], s.V.shape[0]) != tuple(W.shape):
         raise ValueError(f"ΔW is {(s.U.shape[0], s.V.shape[0])} but W is {tuple(W.shape)}")
     r = rank if rank is not None else numerical_rank(s, tuple(W.shape))
-    U, V = s.U[:, :r], s.V[:, :r]
+    U, V = s.U[:, :r].to(W), s.V[:, :r].to(W)
     generator = torch.Generator().manual_seed(seed)
-    U_random = torch.linalg.qr(torch.randn(W.shape[0], r, generator=generator, dtype=torch.float64))[0].to(W.device)
-    V_random = torch.linalg.qr(torch.randn(W.shape[1], r, generator=generator, dtype=torch.float64))[0].to(W.device)
-    weight_singular = torch.linalg.svdvals(W.float()).double()  # float32: only the top r are summed
+    U_random = torch.linalg.qr(torch.randn(W.shape[0], r, generator=generator))[0].to(W.device)
+    V_random = torch.linalg.qr(torch.randn(W.shape[1], r, generator=generator))[0].to(W.device)
     return Amplification(
         rank=r,
         delta_norm=float(s.S.pow(2).sum().sqrt()),
-        weight_norm=float(W.norm()),
+        weight_norm=float(W.double().norm()),
         on_delta=float((U.T @ W @ V).norm()),
-        on_weight=float(weight_singular[:r].pow(2).sum().sqrt()),
+        on_weight=_top_energy(W, r) ** 0.5,
         on_random=float((U_random.T @ W @ V_random).norm()),
     )
+
+
+def _top_energy(W: Tensor, r: int) -> float:
+    """Σ of the r largest σ² of W: eigenvalues of its Gram matrix on the smaller side (no SVD of W)."""
+    gram = W @ W.T if W.shape[0] <= W.shape[1] else W.T @ W
+    eigenvalues = torch.linalg.eigvalsh(gram)  # ascending
+    return float(eigenvalues[-r:].clamp_min(0).sum())
