@@ -24,6 +24,8 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("model state", ("state", "loralib")),
     ("adapter operations", ("adapters", "pissa", "inject", "adapter_files", "adapter_files.*", "adapter_report",
                             "quant.merge")),
+    ("adapter arithmetic, analysis and export", ("arithmetic", "arithmetic.*", "analysis", "analysis.*",
+                                                 "export", "export.*")),
     ("library API", ("lorakit", "nn", "optim", "quant", "integrations")),
     ("training", ("train", "train.*")),
     ("serving", ("serve", "serve.*")),

@@ -18,6 +18,8 @@ from .inject import add_adapter, inject
 from .adapter_files import adapter_state_dict, load, load_loralib, save
 from .loralib import lora_state_dict, mark_only_lora_as_trainable
 from .quant import dequantize_model, quantization_report, quantize_model
+from . import analysis
+from .arithmetic import combine, extract, resize
 
 from .version import __version__
 
@@ -49,4 +51,8 @@ __all__ = [
     "quantize_model",
     "dequantize_model",
     "quantization_report",
+    "combine",
+    "resize",
+    "extract",
+    "analysis",
 ]

@@ -254,6 +254,170 @@ def _refuse_writing_over(out: Path, inputs: dict[str, Path]) -> None:
                                "overwrite it. Choose another --out")
 
 
+# ---- adapter arithmetic and analysis ---------------------------------------------------------------
+@app.command()
+def combine(
+    adapters: list[Path] = typer.Argument(..., help="adapter folders to combine (lorakit or PEFT)"),
+    weights: Optional[str] = typer.Option(None, help="comma list, one weight per adapter (default: all 1)"),
+    method: str = typer.Option("linear", help="cat, linear, ties, dare_linear, dare_ties or magnitude_prune"),
+    rank: Optional[int] = typer.Option(None, help="rank of the result (default: exact for cat/linear, Σ r_i else)"),
+    density: Optional[float] = typer.Option(None, help="share of entries kept (ties, dare_*, magnitude_prune)"),
+    seed: int = typer.Option(0, help="seed of DARE's random drops"),
+    model: str = typer.Option("default", help="base model: 'default', a Hugging Face folder or a .gguf"),
+    out: Path = typer.Option(..., help="folder for the combined adapter (PEFT layout)"),
+) -> None:
+    """Combine adapters on their true updates Σ w_i·s_i·B_i·A_i (never A and B mixed separately)."""
+    from . import adapter_files as io
+    from .arithmetic import combine as combine_adapters
+    from .models import load_base_model
+
+    values = [float(w) for w in weights.split(",")] if weights else [1.0] * len(adapters)
+    if len(values) != len(adapters):
+        raise LorakitError(f"--weights has {len(values)} values for {len(adapters)} adapters; give one per adapter")
+    with console.status("loading base model and adapters"):
+        base, _ = load_base_model(model)
+        names = [f"input{i}" for i in range(len(adapters))]
+        for name, folder in zip(names, adapters):
+            io.load(base, folder, adapter=name)
+    with console.status(f"combining ({method})"):
+        report = combine_adapters(base, dict(zip(names, values)), method=method, name="combined", rank=rank,
+                                  density=density, seed=seed)
+    io.save(base, out, adapter="combined")
+    _print_rank_report(report, " + ".join(f"{w:g}·{a}" for w, a in zip(values, adapters)))
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def resize(
+    adapter: Path = typer.Argument(..., help="adapter folder (lorakit or PEFT)"),
+    rank: Optional[int] = typer.Option(None, help="directions kept per layer"),
+    energy: Optional[float] = typer.Option(None, help="share of ||ΔW||_F² kept per layer, e.g. 0.95"),
+    model: str = typer.Option("default", help="base model: 'default', a Hugging Face folder or a .gguf"),
+    out: Path = typer.Option(..., help="folder for the resized adapter (PEFT layout)"),
+) -> None:
+    """Cut an adapter to a lower rank by the SVD of each ΔW; reports the energy kept per layer."""
+    from . import adapter_files as io
+    from .arithmetic import resize as resize_adapter
+    from .models import load_base_model
+
+    with console.status("loading base model and adapter"):
+        base, _ = load_base_model(model)
+        io.load(base, adapter)
+    report = resize_adapter(base, "default", rank=rank, energy=energy)
+    io.save(base, out)
+    _print_rank_report(report, str(adapter))
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def extract(
+    base: str = typer.Option("default", help="base model: 'default', a Hugging Face folder or a .gguf"),
+    tuned: str = typer.Option(..., help="the fine-tuned (or merged) model: a Hugging Face folder or a .gguf"),
+    rank: Optional[int] = typer.Option(None, help="directions kept per layer"),
+    energy: Optional[float] = typer.Option(None, help="share of ||ΔW||_F² kept per layer, e.g. 0.95"),
+    target: str = typer.Option("all-linear", help="layers to extract: all-linear, a comma list or a regex"),
+    out: Path = typer.Option(..., help="folder for the extracted adapter (PEFT layout)"),
+) -> None:
+    """A LoRA adapter from the weight differences tuned - base, by a truncated SVD of each layer's ΔW."""
+    from . import adapter_files as io
+    from .arithmetic import extract as extract_adapter
+    from .models import load_base_model
+    from .train.config_file import parse_targets
+
+    with console.status("loading both models"):
+        base_model, _ = load_base_model(base)
+        tuned_model, _ = load_base_model(tuned)
+    with console.status("extracting"):
+        report = extract_adapter(base_model, tuned_model, rank=rank, energy=energy, target_modules=parse_targets(target))
+    io.save(base_model, out)
+    _print_rank_report(report, f"{tuned} - {base}")
+    if report.not_captured:
+        shown = ", ".join(report.not_captured[:10]) + (f", ... {len(report.not_captured) - 10} more"
+                                                       if len(report.not_captured) > 10 else "")
+        console.print(f"[bold yellow]not captured by the adapter[/bold yellow] (changed, but not a weight of an "
+                      f"extracted layer): {shown}")
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def analyze(
+    adapter: Path = typer.Argument(..., help="adapter folder (lorakit or PEFT)"),
+    other: Optional[Path] = typer.Argument(None, help="second adapter: subspace similarity φ against it"),
+    model: str = typer.Option("default", help="base model: 'default', a Hugging Face folder or a .gguf"),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="write every per-layer figure as JSON"),
+    plots: Optional[Path] = typer.Option(None, help="folder for PNG figures (φ heatmaps, singular spectra)"),
+) -> None:
+    """What an adapter learned (the LoRA paper, section 7): spectrum and effective rank of each ΔW, the
+    amplification factor ||ΔW||_F / ||Uᵀ W V||_F, and with OTHER the subspace similarity φ(i, j)."""
+    from . import adapter_files as io
+    from .analysis import analyze as analyze_adapter
+    from .models import load_base_model
+
+    with console.status("loading base model and adapters"):
+        base, _ = load_base_model(model)
+        io.load(base, adapter, adapter="first")
+        if other is not None:
+            io.load(base, other, adapter="second")
+    with console.status("analyzing"):
+        result = analyze_adapter(base, "first", "second" if other is not None else None)
+    result.adapter, result.other = str(adapter), str(other) if other is not None else None
+    _print_analysis(result)
+    if json_file is not None:
+        json_file.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        console.print(f"wrote {json_file}")
+    if plots is not None:
+        from .analysis.figures import plot_similarity, plot_spectra
+
+        written = [plot_spectra(result, plots)]
+        if other is not None:
+            written += plot_similarity(result, plots, "A") + plot_similarity(result, plots, "delta")
+        console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _print_rank_report(report, title: str) -> None:
+    table = Table(title=f"{report.method}: {title}")
+    for column in ("module", "rank before", "rank after", "||ΔW||_F", "energy kept"):
+        table.add_column(column, justify="left" if column == "module" else "right")
+    for layer in report.layers:
+        table.add_row(layer.module, str(layer.rank_before), str(layer.rank_after), f"{layer.norm:.4g}",
+                      f"{layer.kept_energy:.4f}")
+    console.print(table)
+    console.print(f"{len(report.layers)} layers; energy kept overall {report.kept_energy:.4f}, "
+                  f"lowest layer {report.min_kept_energy:.4f}")
+
+
+def _print_analysis(result) -> None:
+    import statistics
+
+    table = Table(title=f"analysis of {result.adapter}" + (f" against {result.other}" if result.other else ""))
+    columns = ["module", "rank", "||ΔW||_F", "eff. rank 90%", "99%", "amplification", "||UᵀWV|| ΔW / W top / random"]
+    if result.other:
+        columns += ["φ_A(1,1)", "φ_A(r,r)", "φ_ΔW(1,1)"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "module" else "right")
+    for layer in result.layers:
+        amp = layer.amplification
+        row = [layer.module, str(layer.rank), f"{layer.norm:.4g}", str(layer.effective_rank_90),
+               str(layer.effective_rank_99), f"{amp.factor:.3g}",
+               f"{amp.on_delta:.3g} / {amp.on_weight:.3g} / {amp.on_random:.3g}"]
+        if result.other:
+            if layer.similarity_A is None:
+                row += ["-", "-", "-"]
+            else:
+                r = min(layer.similarity_A.shape)
+                row += [f"{float(layer.similarity_A[0, 0]):.3f}", f"{float(layer.similarity_A[r - 1, r - 1]):.3f}",
+                        f"{float(layer.similarity_delta[0, 0]):.3f}"]
+        table.add_row(*row)
+    console.print(table)
+    factors = [layer.amplification.factor for layer in result.layers]
+    console.print(f"{len(result.layers)} layers; median amplification factor {statistics.median(factors):.3g} "
+                  f"(the LoRA paper, Table 7: about 21.5 at r=4 and 1.9 at r=64 on GPT-3)")
+
+
+def _print_estimate(cfg) -> None:
+    from .train.estimate import estimate_table
+
+
 def _print_estimate(cfg) -> None:
     from .train.estimate_table import estimate_table
 
