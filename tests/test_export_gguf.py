@@ -34,8 +34,9 @@ def _tokenizer_gguf(path: Path) -> Path:
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_string("general.name", "tiny")
     writer.add_string("tokenizer.ggml.model", "gpt2")
-    writer.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(VOCAB)])
+    writer.add_array("tokenizer.ggml.tokens", ["t", "1", "t1"] + [f"x{i}" for i in range(3, VOCAB)])
     writer.add_array("tokenizer.ggml.token_type", [1] * VOCAB)
+    writer.add_array("tokenizer.ggml.merges", ["t 1"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -172,7 +173,7 @@ def test_merged_gguf_number_formats(dtype, tmp_path):
     assert tensors["blk.1.ffn_down.weight"][2] == {torch.float16: "F16", torch.bfloat16: "BF16"}[dtype]
     assert tensors["output_norm.weight"][2] == "F32"
     assert _field(out, "general.file_type") == {torch.float16: 1, torch.bfloat16: 32}[dtype]
-    assert _field(out, "tokenizer.ggml.tokens")[:2] == ["t0", "t1"]
+    assert _field(out, "tokenizer.ggml.tokens")[:4] == ["t", "1", "t1", "x3"]
 
 
 # ---- the embedded default ----------------------------------------------------------------------------------
