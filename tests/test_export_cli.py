@@ -24,7 +24,8 @@ def _folders(tmp_path, **cfg):
     torch.manual_seed(0)
     base = _llama().eval()
     base.save_pretrained(tmp_path / "base")
-    model = lk.inject(copy.deepcopy(base), lk.LoraConfig(**{"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]} | cfg))
+    settings = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]} | cfg
+    model = lk.inject(copy.deepcopy(base), lk.LoraConfig(**settings))
     randomize_adapters(model)
     lk.save(model, tmp_path / "adapter")
     return base, model
@@ -63,8 +64,8 @@ def test_merge_to_gguf_from_a_gguf_base(tmp_path):
     base, model = _folders(tmp_path)
     merged_to_gguf(base, tmp_path / "base.gguf", _tokenizer_gguf(tmp_path / "tok.gguf"))
     out = tmp_path / "merged" / "m.gguf"
-    result = runner.invoke(app, ["merge", "--model", str(tmp_path / "base.gguf"), "--adapter", str(tmp_path / "adapter"),
-                                 "--out", str(out), "--format", "gguf"])
+    result = runner.invoke(app, ["merge", "--model", str(tmp_path / "base.gguf"), "--adapter",
+                                 str(tmp_path / "adapter"), "--out", str(out), "--format", "gguf"])
     assert result.exit_code == 0, result.output
     loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
     ids = _ids(2)

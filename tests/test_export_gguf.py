@@ -87,7 +87,8 @@ def _llamacpp_apply(base: dict, adapter_path: Path) -> dict[str, np.ndarray]:
 
 # ---- adapter files -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cfg", [dict(target_modules=["q_proj", "v_proj"]), PATTERNS,
-                                 dict(target_modules=["embed_tokens", "k_proj", "lm_head"], rank_pattern={"k_proj": 3})],
+                                 dict(target_modules=["embed_tokens", "k_proj", "lm_head"],
+                                      rank_pattern={"k_proj": 3})],
                          ids=["plain", "patterns-rslora", "embedding-lm_head"])
 def test_adapter_gguf_applied_by_llamacpp_rules_equals_lorakit_merge(cfg, tmp_path):
     base, model, folder = _adapted(tmp_path, **cfg)
@@ -102,7 +103,8 @@ def test_adapter_gguf_applied_by_llamacpp_rules_equals_lorakit_merge(cfg, tmp_pa
 
 
 def test_adapter_gguf_names_shapes_and_values(tmp_path):
-    base, model, folder = _adapted(tmp_path, target_modules=["q_proj", "k_proj", "embed_tokens"], rank_pattern={"k_proj": 2})
+    base, model, folder = _adapted(tmp_path, target_modules=["q_proj", "k_proj", "embed_tokens"],
+                                   rank_pattern={"k_proj": 2})
     result = to_gguf(folder, tmp_path / "adapter.gguf", base=base, dtype=torch.float16)
     tensors = _tensors(result.out)
     assert result.rank == 4 and _field(result.out, "adapter.lora.alpha") == 4.0
@@ -204,20 +206,22 @@ def test_merge_default_to_gguf_matches_its_source_layout(tmp_path):
     q = {t.name: t for t in written.tensors}["blk.3.attn_q.weight"]
     from lorakit.export.gguf_layout import LlamaLayout
 
-    want = LlamaLayout(merged.config).to_gguf_rows("q_proj", merged.model.layers[3].self_attn.q_proj.weight.detach())
+    q_proj = merged.model.layers[3].self_attn.q_proj.weight.detach()
+    want = LlamaLayout(merged.config).to_gguf_rows("model.layers.3.self_attn.q_proj.weight", q_proj)
     np.testing.assert_array_equal(q.data.reshape(576, 576), want.numpy())
 
 
 @pytest.mark.slow
 def test_llama_cpp_applies_the_adapter_as_lorakit(tmp_path):
-    """llama.cpp itself (llama-cpp-python, when installed): base + adapter GGUF logits equal lorakit's unmerged model."""
+    """llama.cpp itself (llama-cpp-python, when installed): base + adapter logits equal lorakit's unmerged model."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from lorakit.assets import default_model_path
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                        num_key_value_heads=2, vocab_size=49152, max_position_embeddings=128)).eval()
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=128)
+    base = LlamaForCausalLM(config).eval()
     merged_to_gguf(base, tmp_path / "base.gguf", default_model_path())  # the default's tokenizer (llama.cpp needs one)
     model = lk.inject(copy.deepcopy(base), lk.LoraConfig(**PATTERNS))
     randomize_adapters(model, std=0.05)

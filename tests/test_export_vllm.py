@@ -145,7 +145,8 @@ def test_exported_folder_applies_in_vllm_as_peft(cfg, tmp_path):
     config = json.loads((result.out / "adapter_config.json").read_text())
     assert config["r"] == config["lora_alpha"] == result.rank and not config["use_rslora"]
     assert config["rank_pattern"] == {} == config["alpha_pattern"]
-    assert {t.shape[0] for k, t in load_file(result.out / "adapter_model.safetensors").items() if "_A" in k} == {result.rank}
+    written = load_file(result.out / "adapter_model.safetensors")
+    assert {t.shape[0] for k, t in written.items() if "_A" in k} == {result.rank}
     # the exported folder still loads in PEFT (and lorakit) with the same outputs
     torch.testing.assert_close(_peft_logits(base, result.out, ids), _peft_logits(base, folder, ids), atol=ATOL, rtol=0)
 
@@ -159,7 +160,8 @@ def test_patterns_are_wrong_in_vllm_without_the_export(tmp_path):
 
 
 @pytest.mark.parametrize("cfg", [EXACT_CASES["plain"], dict(target_modules="all-linear", use_rslora=True),
-                                 dict(target_modules=["embed_tokens", "lm_head"])], ids=["plain", "rslora", "embedding"])
+                                 dict(target_modules=["embed_tokens", "lm_head"])],
+                         ids=["plain", "rslora", "embedding"])
 def test_folders_without_patterns_already_apply_in_vllm(cfg, tmp_path):
     base, folder = _saved(tmp_path, **cfg)
     ids = _ids(2)

@@ -81,7 +81,7 @@ def gguf_array(tensor: Tensor, dtype: torch.dtype) -> tuple[np.ndarray, Any]:
 
 
 def write_gguf(out: str | os.PathLike, arch: str, fill: Callable[[Any], None]) -> Path:
-    """Write a GGUF file atomically: `fill(writer)` adds the keys and tensors; the file appears complete or not at all."""
+    """Write a GGUF file atomically: `fill(writer)` adds keys and tensors; the file appears whole or not at all."""
     import gguf
 
     out = Path(out)

@@ -93,7 +93,8 @@ def _refuse_unsupported(folder: Path, config: dict[str, Any], pairs: dict[str, d
         reasons.append("it is a DoRA adapter (use_dora): the magnitude vector rescales every output column of W + ΔW, "
                        "which no LoRA pair can express")
     if (config.get("bias") or "none") != "none" or config.get("lora_bias") or any(k.endswith(".bias") for k in saved):
-        reasons.append(f"it trained biases (bias={config.get('bias')!r}, lora_bias={config.get('lora_bias', False)!r}), "
+        bias, lora_bias = config.get("bias"), config.get("lora_bias", False)
+        reasons.append(f"it trained biases (bias={bias!r}, lora_bias={lora_bias!r}), "
                        "which a LoRA pair cannot carry")
     if config.get("modules_to_save") or saved:
         names = config.get("modules_to_save") or sorted(saved)
