@@ -107,22 +107,25 @@ def test_adapter_gguf_names_shapes_and_values(tmp_path):
                                    rank_pattern={"k_proj": 2})
     result = to_gguf(folder, tmp_path / "adapter.gguf", base=base, dtype=torch.float16)
     tensors = _tensors(result.out)
-    assert result.rank == 4 and _field(result.out, "adapter.lora.alpha") == 4.0
+    assert result.rank == 4 and _field(result.out, "adapter.lora.alpha") == 8.0
     assert set(tensors) == {f"{n}.lora_{x}" for n in ["token_embd.weight", "blk.0.attn_q.weight", "blk.1.attn_q.weight",
                                                        "blk.0.attn_k.weight", "blk.1.attn_k.weight"] for x in "ab"}
     assert tensors["blk.0.attn_q.weight.lora_a"][1] == [32, 4] and tensors["blk.0.attn_q.weight.lora_b"][1] == [4, 32]
-    assert tensors["blk.0.attn_k.weight.lora_b"][1] == [4, 16]  # k_proj (16 outputs), rank 2 padded to 4
+    assert tensors["blk.0.attn_k.weight.lora_a"][1] == [32, 2] and tensors["blk.0.attn_k.weight.lora_b"][1] == [2, 16]
     assert tensors["token_embd.weight.lora_a"][1] == [4, VOCAB] and tensors["token_embd.weight.lora_b"][1] == [4, 32]
     assert {kind for _, _, kind in tensors.values()} == {"F16"}
-    layer = model.model.layers[1].self_attn.k_proj
-    A, B = layer.lora_A["default"].detach(), layer.lora_B["default"].detach()
-    want = (layer.lora_adapters["default"].scaling * B).to(torch.float16).float()  # the value, as F16 stores it
     from lorakit.export.gguf_layout import LlamaLayout
 
-    want = LlamaLayout(base.config).to_gguf_rows("model.layers.1.self_attn.k_proj", want)
-    np.testing.assert_array_equal(tensors["blk.1.attn_k.weight.lora_b"][0][:, :2], want.numpy())
-    np.testing.assert_array_equal(tensors["blk.1.attn_k.weight.lora_b"][0][:, 2:], 0)
-    np.testing.assert_array_equal(tensors["blk.1.attn_k.weight.lora_a"][0][:2], A.to(torch.float16).float().numpy())
+    layout = LlamaLayout(base.config)
+    for layer_name, r in [("model.layers.1.self_attn.k_proj", 2), ("model.layers.1.self_attn.q_proj", 4)]:
+        layer = model.get_submodule(layer_name)
+        A, B = layer.lora_A["default"].detach(), layer.lora_B["default"].detach()
+        # stored: scaling·B·r/alpha, so that llama.cpp's alpha/r restores the scaling; plain adapters store B as is
+        want = layout.to_gguf_rows(layer_name, B.to(torch.float16).float())
+        gguf_name = layout.tensor_name(layer_name)
+        np.testing.assert_array_equal(tensors[gguf_name + ".lora_b"][0], want.numpy())
+        np.testing.assert_array_equal(tensors[gguf_name + ".lora_a"][0], A.to(torch.float16).float().numpy())
+        assert layer.lora_adapters["default"].scaling * r / 8 == 1
 
 
 def test_adapter_gguf_refusals(tmp_path):

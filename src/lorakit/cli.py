@@ -270,7 +270,8 @@ def export_adapter(
         with console.status("loading the base model for its architecture"):
             result = to_gguf(adapter, out, base=model or "default", dtype=_dtype(dtype or "fp32"))
         rows = [("wrote", result.out), ("tensor pairs", len(result.tensors)),
-                ("rank / adapter.lora.alpha", f"{result.rank} / {result.alpha:g} (llama.cpp scaling 1)"),
+                ("adapter.lora.alpha", f"{result.alpha:g} (each pair keeps its rank, largest {result.rank}; "
+                                       "per-module scaling folded into lora_b)"),
                 ("run with", f"llama-cli -m BASE.gguf --lora {result.out}")]
     for key, value in rows:
         table.add_row(f"[bold]{key}[/bold]", str(value))

@@ -5,8 +5,10 @@ general.type = "adapter", adapter.type = "lora", adapter.lora.alpha (float32), g
 base; for every adapted base tensor `<name>` (e.g. blk.0.attn_q.weight) a pair `<name>.lora_a` with
 ne = [in, r] (the (r, in) A) and `<name>.lora_b` with ne = [r, out] (the (out, r) B, rows in llama.cpp's q/k
 order); token_embd's lora_a is stored transposed, ne = [r, n_vocab]. llama.cpp scales each pair by
-alpha / r with r = the pair's own rank (ne[0] of lora_b), one alpha for the file. Scaling is folded into B
-and ranks padded to R with alpha = R (see scaled.py), so every pair gets its exact PEFT scaling.
+alpha / r with r = the pair's own rank (ne[0] of lora_b) and one alpha for the file. The file keeps every
+module's own rank (llama.cpp computes at the real rank, so padding would cost time), takes the adapter's
+lora_alpha as its alpha, and stores lora_b = scaling·B·r/alpha: llama.cpp's alpha/r then restores exactly
+PEFT's per-module scaling (rank_pattern, alpha_pattern, rsLoRA), and a plain adapter's B is stored as it is.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .scaled import ExportRefused, ScaledAdapter, read_scaled
 @dataclass
 class GgufAdapterExport:
     out: Path
-    rank: int
+    rank: int  # the largest rank of any pair (each keeps its own)
     alpha: float
     tensors: dict[str, str]  # GGUF base tensor name -> the Hugging Face module it adapts
 
@@ -60,6 +62,7 @@ def _base_model(base: Any) -> nn.Module:
 
 def _export(adapter: ScaledAdapter, base: nn.Module, out: Path, dtype: torch.dtype) -> GgufAdapterExport:
     layout = LlamaLayout(base.config)
+    alpha = float(adapter.config["lora_alpha"])
     tied = bool(getattr(base.config, "tie_word_embeddings", False))
     modules = dict(base.named_modules())
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -71,14 +74,15 @@ def _export(adapter: ScaledAdapter, base: nn.Module, out: Path, dtype: torch.dty
                                 "the pair to both uses; merge the adapter instead (lorakit merge --format gguf)")
         _check_shape(adapter.folder, module, modules.get(module), pair.A, pair.B)
         A = pair.A.T if name.startswith("token_embd.") else pair.A
-        tensors[name] = (A, layout.to_gguf_rows(module, pair.B))
+        B = pair.B * (pair.A.shape[0] / alpha)  # llama.cpp multiplies by alpha / rank
+        tensors[name] = (A, layout.to_gguf_rows(module, B))
 
     def fill(writer) -> None:
         import gguf
 
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapter.rank))
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         writer.add_string(gguf.Keys.General.NAME, adapter.folder.name)
         for name, (A, B) in tensors.items():
             for suffix, tensor in (("lora_a", A), ("lora_b", B)):
@@ -86,8 +90,7 @@ def _export(adapter: ScaledAdapter, base: nn.Module, out: Path, dtype: torch.dty
                 writer.add_tensor(f"{name}.{suffix}", array, raw_dtype=qtype)
 
     write_gguf(out, layout.arch_name, fill)
-    return GgufAdapterExport(out, adapter.rank, float(adapter.rank),
-                             {layout.tensor_name(m): m for m in adapter.pairs})
+    return GgufAdapterExport(out, adapter.rank, alpha, {layout.tensor_name(m): m for m in adapter.pairs})
 
 
 def _check_shape(folder: Path, module: str, layer: nn.Module | None, A: torch.Tensor, B: torch.Tensor) -> None:

@@ -1,10 +1,9 @@
 """An adapter folder reduced to what every serving engine applies: one plain pair per module, scaling folded in.
 
 PEFT scales each module by alpha/r (alpha/sqrt(r) with rsLoRA), with per-module alpha and r from
-alpha_pattern / rank_pattern. vLLM and llama.cpp read one global alpha and no patterns, so the exports here
-multiply each module's true scaling into lora_B and pad every pair with zero rows of A and zero columns of
-B up to the largest rank R: then B_pad·A_pad = s·B·A exactly, every module has rank R, and a global
-alpha = R gives every engine the scaling 1.
+alpha_pattern / rank_pattern. vLLM and llama.cpp read one global alpha and no patterns, so the exports start
+from each module's pair with its true scaling multiplied into lora_B (B·A = scaling·B_file·A_file, computed
+in float32) and choose a global alpha that makes the engine's own scaling cancel out.
 
 What no plain pair can carry is refused before anything is written: DoRA, trained biases, modules_to_save,
 and adapters whose tensors go with a rewritten base (raw PiSSA, OLoRA, CorDA, LoftQ).
@@ -34,11 +33,10 @@ class ExportRefused(LorakitError):
 
 @dataclass
 class ScaledPair:
-    """One module's update as A (R, in) and B (out, R) with B·A = scaling·B_file·A_file."""
+    """One module's update as A (r, in) and B (out, r), float32, with B·A = scaling·B_file·A_file."""
 
     A: Tensor
     B: Tensor
-    rank: int  # the module's own rank before padding
     scaling: float  # what was folded into B
     embedding: bool  # stored as lora_embedding_A/B (an nn.Embedding), else lora_A/B.weight
 
@@ -52,6 +50,7 @@ class ScaledAdapter:
 
     @property
     def rank(self) -> int:
+        """The largest rank of any module."""
         return max(pair.A.shape[0] for pair in self.pairs.values())
 
 
@@ -61,7 +60,7 @@ def read_scaled(folder: str | os.PathLike, engine: str) -> ScaledAdapter:
     _refuse_unsupported(file.folder, file.config, file.pairs, file.saved, engine)
     embeddings = _embedding_modules(file.folder)
     rslora = bool(file.config.get("use_rslora"))
-    raw: dict[str, tuple[Tensor, Tensor, float]] = {}
+    pairs = {}
     for module, pair in sorted(file.pairs.items()):
         A, B = pair["A"], pair["B"]
         if A.dim() != 2:
@@ -69,21 +68,10 @@ def read_scaled(folder: str | os.PathLike, engine: str) -> ScaledAdapter:
                                 "applies LoRA to linear and embedding layers only. Merge it instead (lorakit merge)")
         rank = A.shape[0]
         alpha = pattern_value(file.config.get("alpha_pattern") or {}, module, file.config["lora_alpha"])
-        raw[module] = (A, B, alpha / math.sqrt(rank) if rslora else alpha / rank)
-    top = max(A.shape[0] for A, _, _ in raw.values())
-    pairs = {module: _padded(A, B, scaling, top, module in embeddings) for module, (A, B, scaling) in raw.items()}
+        scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+        pairs[module] = ScaledPair(A.float(), B.float() * scaling, scaling, module in embeddings)
     dtype = next(iter(file.pairs.values()))["A"].dtype
     return ScaledAdapter(file.folder, file.config, pairs, dtype)
-
-
-def _padded(A: Tensor, B: Tensor, scaling: float, rank: int, embedding: bool) -> ScaledPair:
-    """Zero rows of A and zero columns of B add nothing to B·A, so padding is exact (computed in float32)."""
-    r = A.shape[0]
-    A_pad = A.new_zeros((rank, A.shape[1]), dtype=torch.float32)
-    B_pad = B.new_zeros((B.shape[0], rank), dtype=torch.float32)
-    A_pad[:r] = A.float()
-    B_pad[:, :r] = B.float() * scaling
-    return ScaledPair(A_pad, B_pad, r, scaling, embedding)
 
 
 def _refuse_unsupported(folder: Path, config: dict[str, Any], pairs: dict[str, dict[str, Tensor]],

@@ -8,9 +8,11 @@ every lora_B (LoRALayerWeights.optimize); rank_pattern and alpha_pattern are dro
 allowed values are 1, 8, 16, 32, 64, 128, 256, 320, 512 (default 16). Subfolders are not read: each adapter
 is its own path.
 
-The export folds each module's own scaling into lora_B, pads every pair to the largest rank R with zeros,
-and writes r = lora_alpha = R, use_rslora false: vLLM's scaling is then 1 for every module, and the update it
-applies is exactly PEFT's.
+The export folds each module's own scaling into lora_B, pads every pair to the largest rank R with zero rows
+of A and zero columns of B (which add nothing to B·A), and writes r = lora_alpha = R, use_rslora false:
+vLLM's scaling is then 1 for every module and every tensor has the rank the config states, the layout of a
+plain adapter, so the update vLLM applies is exactly PEFT's. (vLLM copies each pair into rank-max_lora_rank
+buffers by its own shape, so padding costs file size, not compute.)
 """
 
 from __future__ import annotations
@@ -77,8 +79,9 @@ def _export(adapter: ScaledAdapter, out: Path, dtype: torch.dtype | None, source
     tensors = {}
     for module, pair in adapter.pairs.items():
         kind = "lora_embedding_{}" if pair.embedding else "lora_{}.weight"
-        tensors[f"{PREFIX}{module}.{kind.format('A')}"] = pair.A.to(dtype).contiguous()
-        tensors[f"{PREFIX}{module}.{kind.format('B')}"] = pair.B.to(dtype).contiguous()
+        A, B = _padded(pair.A, pair.B, rank)
+        tensors[f"{PREFIX}{module}.{kind.format('A')}"] = A.to(dtype).contiguous()
+        tensors[f"{PREFIX}{module}.{kind.format('B')}"] = B.to(dtype).contiguous()
     source_config = adapter.config
     config = {
         "peft_type": "LORA",
@@ -111,7 +114,13 @@ def _export(adapter: ScaledAdapter, out: Path, dtype: torch.dtype | None, source
         rank=rank,
         max_lora_rank=next(r for r in VLLM_MAX_LORA_RANKS if r >= rank),
         modules=len(adapter.pairs),
-        padded=sorted(m for m, p in adapter.pairs.items() if p.rank < rank),
+        padded=sorted(m for m, p in adapter.pairs.items() if p.A.shape[0] < rank),
         folded={m: p.scaling for m, p in adapter.pairs.items()},
         other_adapters=others,
     )
+
+
+def _padded(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A with zero rows and B with zero columns up to `rank`: B·A is unchanged."""
+    extra = rank - A.shape[0]
+    return torch.nn.functional.pad(A, (0, 0, 0, extra)), torch.nn.functional.pad(B, (0, extra))
