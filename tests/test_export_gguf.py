@@ -245,3 +245,13 @@ def test_llama_cpp_applies_the_adapter_as_lorakit(tmp_path):
     np.testing.assert_allclose(got_base, want_base, atol=1e-3, rtol=0)
     np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
     assert np.abs(want - want_base).max() > 1e-2  # the adapter does change the output
+
+
+def test_adapter_gguf_from_a_model_equals_from_its_folder(tmp_path):
+    base, model, folder = _adapted(tmp_path, target_modules=["embed_tokens", "v_proj"], rank_pattern={"v_proj": 2})
+    from_model = _tensors(to_gguf(model, tmp_path / "a.gguf").out)
+    from_folder = _tensors(to_gguf(folder, tmp_path / "b.gguf", base=base).out)
+    assert from_model.keys() == from_folder.keys()
+    for name, (values, ne, _) in from_model.items():
+        np.testing.assert_array_equal(values, from_folder[name][0])
+        assert ne == from_folder[name][1]
