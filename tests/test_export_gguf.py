@@ -255,3 +255,5 @@ def test_adapter_gguf_from_a_model_equals_from_its_folder(tmp_path):
     for name, (values, ne, _) in from_model.items():
         np.testing.assert_array_equal(values, from_folder[name][0])
         assert ne == from_folder[name][1]
+    assert _field(tmp_path / "a.gguf", "general.name") == "default"
+    assert _field(tmp_path / "b.gguf", "general.name") == "adapter"

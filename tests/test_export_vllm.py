@@ -255,3 +255,22 @@ def test_subfolder_adapters_are_listed_not_merged(tmp_path):
     result = to_vllm(tmp_path / "all", tmp_path / "vllm")
     assert result.other_adapters == ["sql"]
     assert all("q_proj" in m for m in result.folded)
+
+
+def test_peft_folders_with_lora_bias_or_patterns(tmp_path):
+    """PEFT's own folders: lora_bias (a trained lora_B bias) is refused; rank/alpha patterns export exactly."""
+    torch.manual_seed(0)
+    base = _llama().eval()
+    biased = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True))
+    biased.save_pretrained(tmp_path / "biased")
+    with pytest.raises(ExportRefused, match="trained biases") as err:
+        to_vllm(tmp_path / "biased", tmp_path / "x")
+    assert "modules_to_save" not in str(err.value)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                             rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}, init_lora_weights=False)
+    patterned = peft.get_peft_model(copy.deepcopy(base), config)
+    patterned.save_pretrained(tmp_path / "patterned")
+    result = to_vllm(tmp_path / "patterned", tmp_path / "vllm")
+    ids = _ids(2)
+    torch.testing.assert_close(_vllm_logits(base, result.out, ids), _peft_logits(base, tmp_path / "patterned", ids),
+                               atol=ATOL, rtol=0)

@@ -48,8 +48,9 @@ def to_gguf(folder_or_model: str | os.PathLike | nn.Module, out: str | os.PathLi
         with tempfile.TemporaryDirectory() as tmp:
             save(folder_or_model, tmp, adapter=adapter)
             base_model = folder_or_model if base == "default" else _base_model(base)
-            return _export(read_scaled(tmp, "llama.cpp"), base_model, Path(out), dtype)
-    return _export(read_scaled(folder_or_model, "llama.cpp"), _base_model(base), Path(out), dtype)
+            return _export(read_scaled(tmp, "llama.cpp"), base_model, Path(out), dtype, title=adapter)
+    adapter_file = read_scaled(folder_or_model, "llama.cpp")
+    return _export(adapter_file, _base_model(base), Path(out), dtype, title=adapter_file.folder.name)
 
 
 def _base_model(base: Any) -> nn.Module:
@@ -60,7 +61,7 @@ def _base_model(base: Any) -> nn.Module:
     return load_base_model(base)[0]
 
 
-def _export(adapter: ScaledAdapter, base: nn.Module, out: Path, dtype: torch.dtype) -> GgufAdapterExport:
+def _export(adapter: ScaledAdapter, base: nn.Module, out: Path, dtype: torch.dtype, title: str) -> GgufAdapterExport:
     layout = LlamaLayout(base.config)
     alpha = float(adapter.config["lora_alpha"])
     tied = bool(getattr(base.config, "tie_word_embeddings", False))
@@ -83,7 +84,7 @@ def _export(adapter: ScaledAdapter, base: nn.Module, out: Path, dtype: torch.dty
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-        writer.add_string(gguf.Keys.General.NAME, adapter.folder.name)
+        writer.add_string(gguf.Keys.General.NAME, title)
         for name, (A, B) in tensors.items():
             for suffix, tensor in (("lora_a", A), ("lora_b", B)):
                 array, qtype = gguf_array(tensor, dtype)

@@ -80,12 +80,14 @@ def _refuse_unsupported(folder: Path, config: dict[str, Any], pairs: dict[str, d
     if config.get("use_dora") or any("M" in pair for pair in pairs.values()):
         reasons.append("it is a DoRA adapter (use_dora): the magnitude vector rescales every output column of W + ΔW, "
                        "which no LoRA pair can express")
-    if (config.get("bias") or "none") != "none" or config.get("lora_bias") or any(k.endswith(".bias") for k in saved):
+    biases = sorted(k for k in saved if k.endswith(".bias"))
+    if (config.get("bias") or "none") != "none" or config.get("lora_bias") or biases:
         bias, lora_bias = config.get("bias"), config.get("lora_bias", False)
-        reasons.append(f"it trained biases (bias={bias!r}, lora_bias={lora_bias!r}), "
+        reasons.append(f"it trained biases (bias={bias!r}, lora_bias={lora_bias!r}, tensors {biases[:3]}), "
                        "which a LoRA pair cannot carry")
-    if config.get("modules_to_save") or saved:
-        names = config.get("modules_to_save") or sorted(saved)
+    whole = sorted(k for k in saved if not k.endswith(".bias"))
+    if config.get("modules_to_save") or whole:
+        names = config.get("modules_to_save") or whole
         reasons.append(f"it trains whole modules (modules_to_save={names}), which {engine} does not load")
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.split("_niter_")[0] in REWRITTEN_BASE_INITS:
