@@ -147,8 +147,11 @@ def test_exported_folder_applies_in_vllm_as_peft(cfg, tmp_path):
     assert config["rank_pattern"] == {} == config["alpha_pattern"]
     written = load_file(result.out / "adapter_model.safetensors")
     assert {t.shape[0] for k, t in written.items() if "_A" in k} == {result.rank}
-    # the exported folder still loads in PEFT (and lorakit) with the same outputs
-    torch.testing.assert_close(_peft_logits(base, result.out, ids), _peft_logits(base, folder, ids), atol=ATOL, rtol=0)
+    # the exported folder still loads in PEFT and lorakit with the same outputs
+    reference = _peft_logits(base, folder, ids)
+    torch.testing.assert_close(_peft_logits(base, result.out, ids), reference, atol=ATOL, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(lk.load(copy.deepcopy(base), result.out)(ids).logits, reference, atol=ATOL, rtol=0)
 
 
 def test_patterns_are_wrong_in_vllm_without_the_export(tmp_path):
