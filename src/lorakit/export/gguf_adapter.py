@@ -85,6 +85,7 @@ def _export(adapter: ScaledAdapter, base: nn.Module, out: Path, dtype: torch.dty
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         writer.add_string(gguf.Keys.General.NAME, title)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for name, (A, B) in tensors.items():
             for suffix, tensor in (("lora_a", A), ("lora_b", B)):
                 array, qtype = gguf_array(tensor, dtype)

@@ -47,6 +47,7 @@ def merged_to_gguf(model: nn.Module, out: str | os.PathLike, metadata_from: str 
         for add, value in hparams:
             getattr(writer, add)(value)
         writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[dtype]))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for name, tensor in tensors.items():
             array, qtype = gguf_array(tensor, dtype if tensor.dim() > 1 else torch.float32)
             writer.add_tensor(name, array, raw_dtype=qtype)
@@ -77,7 +78,7 @@ def _hparams(config: Any) -> list[tuple[str, Any]]:
     theta = rope["rope_theta"] if "rope_theta" in rope else config.rope_theta
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    keys = [
+    return [
         ("add_context_length", config.max_position_embeddings),
         ("add_embedding_length", config.hidden_size),
         ("add_block_count", config.num_hidden_layers),
@@ -88,10 +89,9 @@ def _hparams(config: Any) -> list[tuple[str, Any]]:
         ("add_layer_norm_rms_eps", float(config.rms_norm_eps)),
         ("add_vocab_size", config.vocab_size),
         ("add_rope_dimension_count", head_dim),
+        ("add_key_length", head_dim),
+        ("add_value_length", head_dim),
     ]
-    if head_dim != config.hidden_size // heads:
-        keys += [("add_key_length", head_dim), ("add_value_length", head_dim)]
-    return keys
 
 
 def _gguf_tensors(model: nn.Module, layout: LlamaLayout) -> dict[str, torch.Tensor]:
