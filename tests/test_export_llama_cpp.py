@@ -37,7 +37,7 @@ except ImportError:
     import convert_hf_to_gguf as llama
 llama.LlamaModel.set_vocab = lambda self: None
 import convert_hf_to_gguf
-sys.argv = ["convert_hf_to_gguf.py", {folder!r}, "--outfile", {out!r}, "--outtype", "f32"]
+sys.argv = ["convert_hf_to_gguf.py", {folder!r}, "--outfile", {out!r}, "--outtype", {outtype!r}]
 convert_hf_to_gguf.main()
 """
 
@@ -58,7 +58,8 @@ def _assert_same_tensors(ours: Path, theirs: Path) -> gguf.GGUFReader:
     return mine, ref
 
 
-def test_adapter_gguf_equals_convert_lora_to_gguf(tmp_path):
+@pytest.mark.parametrize("outtype,dtype", [("f32", torch.float32), ("f16", torch.float16), ("bf16", torch.bfloat16)])
+def test_adapter_gguf_equals_convert_lora_to_gguf(outtype, dtype, tmp_path):
     torch.manual_seed(0)
     base = _llama().eval()
     base.save_pretrained(tmp_path / "base")
@@ -66,22 +67,24 @@ def test_adapter_gguf_equals_convert_lora_to_gguf(tmp_path):
     model = lk.inject(copy.deepcopy(base), lk.LoraConfig(r=4, alpha=8, target_modules=targets))
     randomize_adapters(model)
     lk.save(model, tmp_path / "adapter")
-    to_gguf(tmp_path / "adapter", tmp_path / "ours.gguf", base=base)
+    to_gguf(tmp_path / "adapter", tmp_path / "ours.gguf", base=base, dtype=dtype)
     _run(["convert_lora_to_gguf.py", "--base", str(tmp_path / "base"), "--outfile", str(tmp_path / "ref.gguf"),
-          "--outtype", "f32", str(tmp_path / "adapter")])
+          "--outtype", outtype, str(tmp_path / "adapter")])
     mine, ref = _assert_same_tensors(tmp_path / "ours.gguf", tmp_path / "ref.gguf")
     for key in ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha"):
         assert mine.fields[key].contents() == ref.fields[key].contents(), key
 
 
-def test_merged_gguf_equals_convert_hf_to_gguf(tmp_path):
+@pytest.mark.parametrize("outtype,dtype", [("f32", torch.float32), ("f16", torch.float16), ("bf16", torch.bfloat16)])
+def test_merged_gguf_equals_convert_hf_to_gguf(outtype, dtype, tmp_path):
     torch.manual_seed(0)
     model = lk.inject(_llama().eval(), lk.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     randomize_adapters(model)
     merged = lk.unload(model, merge=True)
     merged.save_pretrained(tmp_path / "merged")
-    merged_to_gguf(merged, tmp_path / "ours.gguf", _tokenizer_gguf(tmp_path / "tok.gguf"))
-    _run(["-c", NO_VOCAB.format(root=str(LLAMA_CPP), folder=str(tmp_path / "merged"), out=str(tmp_path / "ref.gguf"))])
+    merged_to_gguf(merged, tmp_path / "ours.gguf", _tokenizer_gguf(tmp_path / "tok.gguf"), dtype=dtype)
+    _run(["-c", NO_VOCAB.format(root=str(LLAMA_CPP), folder=str(tmp_path / "merged"), out=str(tmp_path / "ref.gguf"),
+                                outtype=outtype)])
     mine, ref = _assert_same_tensors(tmp_path / "ours.gguf", tmp_path / "ref.gguf")
     for key, field in ref.fields.items():
         if key.startswith("llama."):
