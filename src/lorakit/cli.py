@@ -251,7 +251,7 @@ def export_adapter(
     dtype: Optional[str] = typer.Option(None, help="tensor dtype: fp32, bf16 or fp16 (vllm: the source's; gguf: fp32)"),
 ) -> None:
     """Write an adapter for another engine: vLLM (--enable-lora) or llama.cpp / Ollama (--lora)."""
-    from .export import to_gguf, to_vllm
+    from .export import gguf_source, to_gguf, to_vllm
 
     table = Table.grid(padding=(0, 2))
     if format == "vllm":
@@ -267,12 +267,14 @@ def export_adapter(
         if result.other_adapters:
             rows.append(("not exported", f"subfolder adapters {result.other_adapters}: export each folder on its own"))
     else:
+        base = model or "default"
         with console.status("loading the base model for its architecture"):
-            result = to_gguf(adapter, out, base=model or "default", dtype=_dtype(dtype or "fp32"))
+            result = to_gguf(adapter, out, base=base, dtype=_dtype(dtype or "fp32"))
+        base_file = gguf_source(base) if base == "default" or base.endswith(".gguf") else "BASE.gguf"
         rows = [("wrote", result.out), ("tensor pairs", len(result.tensors)),
                 ("adapter.lora.alpha", f"{result.alpha:g} (each pair keeps its rank, largest {result.rank}; "
                                        "per-module scaling folded into lora_b)"),
-                ("run with", f"llama-cli -m BASE.gguf --lora {result.out}")]
+                ("run with", f"llama-cli -m {base_file} --lora {result.out}")]
     for key, value in rows:
         table.add_row(f"[bold]{key}[/bold]", str(value))
     console.print(table)
