@@ -70,9 +70,12 @@ def inspect(folder: Path = typer.Argument(..., help="adapter folder (lorakit or 
 @app.command()
 def merge(model: str = typer.Option("default", help="base model: 'default', a Hugging Face folder or a .gguf"),
           adapter: Path = typer.Option(..., help="adapter folder to fold into the weights"),
-          out: Path = typer.Option(..., help="output folder: a plain Hugging Face model"),
-          dtype: Optional[str] = typer.Option(None, help="weights dtype of the output: fp32, bf16 or fp16")) -> None:
-    """Fold an adapter into its base and write a Hugging Face folder that needs no lorakit to load."""
+          out: Path = typer.Option(..., help="output: a Hugging Face model folder, or a .gguf file"),
+          dtype: Optional[str] = typer.Option(None, help="weights dtype of the output: fp32, bf16 or fp16"),
+          format: str = typer.Option("hf", "--format", callback=lambda v: _one_of("--format", v, ("hf", "gguf")),
+                                     help="hf: a Hugging Face folder; gguf: one llama.cpp file (--out x.gguf, "
+                                          "Llama bases loaded from a GGUF, e.g. the default)")) -> None:
+    """Fold an adapter into its base and write a Hugging Face folder (or a llama.cpp GGUF) that needs no lorakit."""
     from . import adapter_files as io
     from .adapters import unload
     from .atomic import check_writable_folder
@@ -80,13 +83,18 @@ def merge(model: str = typer.Option("default", help="base model: 'default', a Hu
 
     inputs = {"--adapter": adapter} | ({} if model == "default" else {"--model": Path(model)})
     _refuse_writing_over(out, inputs)
-    check_writable_folder(out, "--out")  # before minutes of loading and merging
+    check_writable_folder(out.parent if format == "gguf" else out, "--out")  # before minutes of loading
     with console.status("loading base model and adapter"):
         base, tokenizer = load_base_model(model)
         io.load(base, adapter)
         merged = unload(base, merge=True)
     try:
-        save_hf_folder(merged, tokenizer, out, dtype=_dtype(dtype))
+        if format == "gguf":
+            from .export import gguf_source, merged_to_gguf
+
+            merged_to_gguf(merged, out, gguf_source(model), dtype=_dtype(dtype) or merged.dtype)
+        else:
+            save_hf_folder(merged, tokenizer, out, dtype=_dtype(dtype))
     except OSError as exc:
         raise LorakitError(f"could not write the merged model to {out} ({exc.strerror or exc}); free some space or "
                            "choose another --out") from None
@@ -412,6 +420,51 @@ def _print_analysis(result) -> None:
     factors = [layer.amplification.factor for layer in result.layers]
     console.print(f"{len(result.layers)} layers; median amplification factor {statistics.median(factors):.3g} "
                   f"(the LoRA paper, Table 7: about 21.5 at r=4 and 1.9 at r=64 on GPT-3)")
+
+
+@app.command(name="export")
+def export_adapter(
+    adapter: Path = typer.Argument(..., help="adapter folder (lorakit or PEFT)"),
+    format: str = typer.Option(..., "--format", callback=lambda v: _one_of("--format", v, ("vllm", "gguf")),
+                               help="vllm: an adapter folder vLLM applies exactly; gguf: a llama.cpp LoRA file"),
+    out: Path = typer.Option(..., help="output folder (vllm) or .gguf file (gguf)"),
+    model: Optional[str] = typer.Option(None, help="gguf: the base model ('default', a HF folder or a .gguf)"),
+    dtype: Optional[str] = typer.Option(None, help="tensor dtype: fp32, bf16 or fp16 (vllm: the source's; gguf: fp32)"),
+) -> None:
+    """Write an adapter for another engine: vLLM (--enable-lora) or llama.cpp / Ollama (--lora)."""
+    from .export import gguf_source, to_gguf, to_vllm
+
+    table = Table.grid(padding=(0, 2))
+    if format == "vllm":
+        if model is not None:
+            raise LorakitError("--model is for --format gguf; a vLLM export needs only the adapter folder")
+        result = to_vllm(adapter, out, dtype=_dtype(dtype))
+        rows = [("wrote", result.out), ("modules", result.modules),
+                ("rank", f"{result.rank} everywhere, lora_alpha = {result.rank} (vLLM scaling 1)"),
+                ("padded with zeros", f"{len(result.padded)} modules to rank {result.rank}"),
+                ("scaling folded into lora_B", ", ".join(f"{s:g}" for s in sorted(set(result.folded.values())))),
+                ("vLLM needs", result.vllm_flags),
+                ("serve with", f"vllm serve BASE {result.vllm_flags} --lora-modules NAME={result.out}")]
+        if result.other_adapters:
+            rows.append(("not exported", f"subfolder adapters {result.other_adapters}: export each folder on its own"))
+    else:
+        base = model or "default"
+        with console.status("loading the base model for its architecture"):
+            result = to_gguf(adapter, out, base=base, dtype=_dtype(dtype or "fp32"))
+        base_file = gguf_source(base) if base == "default" or base.endswith(".gguf") else "BASE.gguf"
+        rows = [("wrote", result.out), ("tensor pairs", len(result.tensors)),
+                ("adapter.lora.alpha", f"{result.alpha:g} (each pair keeps its rank, largest {result.rank}; "
+                                       "per-module scaling folded into lora_b)"),
+                ("run with", f"llama-cli -m {base_file} --lora {result.out}")]
+    for key, value in rows:
+        table.add_row(f"[bold]{key}[/bold]", str(value))
+    console.print(table)
+
+
+def _one_of(option: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=option)
+    return value
 
 
 def _print_estimate(cfg) -> None:
