@@ -4,7 +4,6 @@ exposes loralib's attributes, and loralib's helpers behave the same."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

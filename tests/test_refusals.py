@@ -3,7 +3,6 @@ state_dict keys and values, requires_grad, and lorakit's attached state; also wh
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
