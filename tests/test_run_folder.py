@@ -198,6 +198,10 @@ def test_a_kill_at_any_step_of_save_leaves_the_old_or_the_new_adapter(exchange, 
             break
         lk.save(old, folder)  # back to the old adapter for the next kill point
     assert seen[-1] == 1 and seen[0] == 0 and len(seen) > 3, seen
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (folder.stat().st_mode & 0o777, (folder / "adapter_config.json").stat().st_mode & 0o777) == \
+        (0o777 & ~umask, 0o666 & ~umask)  # as mkdir and open make them, readable by others
     assert seen == sorted(seen)  # old until the swap, new from then on
 
 

@@ -29,6 +29,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
+            os.fchmod(handle.fileno(), _mode(0o666))  # mkstemp's 0600 would hide the file from other users
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -55,6 +56,7 @@ def atomic_folder(path: str | os.PathLike, keep_other_files: bool = False) -> It
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{NEW}-", dir=path.parent))
     try:
+        os.chmod(staging, _mode(0o777))  # as mkdir would make it, not mkdtemp's 0700
         yield staging
         if keep_other_files and path.is_dir():
             _carry_over(path, staging)
@@ -178,6 +180,13 @@ def _link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
         os.link(source, target, follow_symlinks=False)
     except OSError:
         shutil.copy2(source, target, follow_symlinks=False)
+
+
+def _mode(full: int) -> int:
+    """`full` less the process's umask: the permissions a plain open() or mkdir() would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return full & ~umask
 
 
 def _fsync_tree(folder: Path) -> None:
