@@ -368,7 +368,7 @@ def analyze(
             io.load(base, other, adapter="second")
     with console.status("analyzing"):
         result = analyze_adapter(base, "first", "second" if other is not None else None)
-    result.adapter, result.other = str(adapter), str(other) if other is not None else None
+    result.adapter, result.other = _short_path(adapter), _short_path(other) if other is not None else None
     _print_analysis(result)
     if json_file is not None:
         json_file.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
@@ -380,6 +380,11 @@ def analyze(
         if other is not None:
             written += plot_similarity(result, plots, "A") + plot_similarity(result, plots, "delta")
         console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _short_path(path: Path) -> str:
+    """The last two parts of a folder ('run/adapter'), enough to tell adapters apart in tables and figures."""
+    return "/".join(path.parts[-2:])
 
 
 def _print_rank_report(report, title: str) -> None:

@@ -43,6 +43,7 @@ def plot_similarity(analysis: AdapterAnalysis, out_dir: Path, which: str = "A") 
                 ax.set_xlabel(f"j ({analysis.other})", fontsize=7)
                 ax.set_ylabel(f"i ({analysis.adapter})", fontsize=7)
                 ax.tick_params(labelsize=6)
+        fig.subplots_adjust(hspace=0.55, wspace=0.35)
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="φ(i, j)")
         what = "A matrices" if which == "A" else "ΔW (right singular vectors)"
         fig.suptitle(f"subspace similarity φ, {kind}, {what}: {analysis.adapter} vs {analysis.other}", fontsize=9)
