@@ -179,3 +179,13 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients():
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_cli_train_takes_quantize_embeddings_only_with_quantize():
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--quantize-embeddings", "int8", "--dry-run"])
+    assert result.exit_code != 0 and isinstance(result.exception, LorakitError)
+    assert "add --quantize nf4" in str(result.exception)

@@ -34,8 +34,8 @@ class QuantReport:
 
     def __str__(self) -> str:
         mib = 2**20
-        tables = f" and {self.tables} embedding table{'s' * (self.tables > 1)}" if self.tables else ""
-        return (f"{self.layers} linear layers{tables} quantized: model {self.model_bytes_before / mib:.1f} MiB -> "
+        tables = f" and {self.tables} embedding table{'s' * (self.tables > 1)} quantized" if self.tables else ""
+        return (f"{self.layers} linear layers in 4 bits{tables}: model {self.model_bytes_before / mib:.1f} MiB -> "
                 f"{self.model_bytes / mib:.1f} MiB (those weights {self.dense_bytes / mib:.1f} MiB -> "
                 f"{self.quantized_bytes / mib:.1f} MiB)")
 
