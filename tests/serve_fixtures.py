@@ -59,3 +59,73 @@ def reference_greedy(base: torch.nn.Module, folder: Path | None, prompt: list[in
 
 def tokenizer():
     return make_tokenizer()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """`python -m lorakit serve ...` in a subprocess on a free loopback port, stopped by the test."""
+
+    def __init__(self, args: list[str], log: Path, api_key: str | None = None, start_timeout: float = 120.0) -> None:
+        import os
+        import subprocess
+        import sys
+        import time
+
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        command = [sys.executable, "-m", "lorakit", "serve", "--port", str(self.port), *args]
+        if api_key:
+            command += ["--api-key", api_key]
+        self.process = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=os.environ.copy())
+        deadline = time.monotonic() + start_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", headers=self.headers, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise AssertionError(f"server did not start in {start_timeout}s:\n{log.read_text()[-3000:]}")
+
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.headers and self.headers["Authorization"][7:]
+                             or "unused", max_retries=0, timeout=60)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        import signal
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def save_tiny_model(folder: Path) -> tuple[LlamaForCausalLM, object]:
+    """The tiny Llama and its tokenizer as a Hugging Face folder `lorakit serve --model` reads."""
+    from lorakit.models import save_hf_folder
+
+    tok = tokenizer()
+    model = tiny_llama(tok)
+    save_hf_folder(model, tok, folder)
+    return model, tok

@@ -62,8 +62,11 @@ class AdapterRegistry:
             return list(self.paths)
 
     def acquire(self, name: str | None) -> None:
+        """Count a request on `name`; KeyError when it was unloaded meanwhile (so it cannot vanish in use)."""
         if name is not None:
             with self.lock:
+                if name not in self.paths:
+                    raise KeyError(name)
                 self.in_use[name] += 1
 
     def release(self, name: str | None) -> None:

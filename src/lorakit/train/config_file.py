@@ -25,7 +25,8 @@ def job_config(preset: dict[str, Any], path: Path | None, flags: dict[str, Any])
     return JobConfig(**values)
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path, fields: frozenset[str] | set[str] = frozenset(FIELDS)) -> dict[str, Any]:
+    """The file's settings (dashes read as underscores); any name outside `fields` is an error naming it."""
     if not path.is_file():
         raise LorakitError(f"--config {path}: no such file")
     text = path.read_text()
@@ -47,9 +48,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise LorakitError(f"--config {path}: expected a mapping of settings, got {type(raw).__name__}")
     values = {str(k).replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(values) - FIELDS)
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise LorakitError(f"--config {path}: unknown settings {unknown}; known: {sorted(FIELDS)}")
+        raise LorakitError(f"--config {path}: unknown settings {unknown}; known: {sorted(fields)}")
     return values
 
 
