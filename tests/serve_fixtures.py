@@ -87,7 +87,8 @@ class LiveServer:
         command = [sys.executable, "-m", "lorakit", "serve", "--port", str(self.port), *args]
         if api_key:
             command += ["--api-key", api_key]
-        self.process = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=os.environ.copy())
+        env = os.environ | {"OMP_NUM_THREADS": "1"}  # a tiny model gains nothing from threads; spares a busy host
+        self.process = subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + start_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
