@@ -162,3 +162,17 @@ def test_corrupt_adapter_fails_only_its_request(setup, tmp_path):
     run(engine, [Request([1, 4], "bad", SamplingParams(3, 0.0), broken), Request([1, 4], "a8", SamplingParams(3, 0.0), good)])
     assert isinstance(broken.end, Failed) and broken.end.status == 400 and "bad" in broken.end.message
     assert isinstance(good.end, Finished)
+
+
+def test_one_adapter_load_per_step(setup):
+    """Running rows never wait for more than one adapter load: other new adapters wait for later steps."""
+    tok, base, folders = setup
+    engine = make_engine(base, tok, folders)
+    collectors = [Collector() for _ in folders]
+    for name, c in zip(folders, collectors):
+        engine.submit(Request([1, 7], name, SamplingParams(20, temperature=0.0), c))
+    for step in range(1, 4):
+        engine.step()
+        assert len(engine.registry.loaded) == step and len(engine.running) == step
+    run(engine, [])
+    assert all(isinstance(c.end, Finished) for c in collectors)

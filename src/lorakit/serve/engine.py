@@ -134,7 +134,7 @@ class Engine:
     # ---- engine thread --------------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self.stopping:
-            self._run_commands()
+            self._run_commands(limit=1 if self.running else None)  # a running batch waits for one command at most
             if not self.waiting and not self.running:
                 self.wake.wait(0.5)
                 self.wake.clear()
@@ -151,8 +151,10 @@ class Engine:
         self.running, self.batch = [], None
         self.waiting.clear()
 
-    def _run_commands(self) -> None:
-        while True:
+    def _run_commands(self, limit: int | None = None) -> None:
+        done = 0
+        while limit is None or done < limit:
+            done += 1
             try:
                 command, future = self.commands.get_nowait()
             except queue.Empty:
@@ -185,14 +187,20 @@ class Engine:
 
     def _admit(self) -> None:
         """Move waiting requests into free rows, FIFO, within the prefill budget; a request whose adapter
-        cannot be loaded yet (every loaded slot busy) waits for a later step."""
-        chosen, budget, skipped = [], self.prefill_tokens, deque()
+        cannot be loaded yet (every loaded slot busy, or one adapter was already loaded in this step, so
+        running rows never wait for more than one load) waits for a later step."""
+        chosen, budget, skipped, loads = [], self.prefill_tokens, deque(), 0
         with self.lock:
             while self.waiting and len(self.running) + len(chosen) < self.max_batch:
                 request = self.waiting[0]
                 if chosen and len(request.prompt) > budget:
                     break
                 self.waiting.popleft()
+                needs_load = not self.registry.is_loaded(request.adapter)
+                if needs_load and loads:
+                    skipped.append(request)
+                    continue
+                loads += needs_load
                 try:
                     ready = self.registry.ensure_loaded(request.adapter)
                 except Exception as exc:

@@ -77,6 +77,9 @@ class AdapterRegistry:
                     del self.in_use[name]
 
     # ---- the model (engine thread only) ------------------------------------------------------------
+    def is_loaded(self, name: str | None) -> bool:
+        return name is None or name in self.loaded
+
     def ensure_loaded(self, name: str | None) -> bool:
         """Make `name` usable by the next forward; False when every loaded slot is busy (try again later)."""
         if name is None:
