@@ -176,3 +176,24 @@ def test_one_adapter_load_per_step(setup):
         assert len(engine.registry.loaded) == step and len(engine.running) == step
     run(engine, [])
     assert all(isinstance(c.end, Finished) for c in collectors)
+
+
+def test_nf4_base_with_adapters_matches_generate(setup, tmp_path):
+    """--quantize nf4: the served greedy tokens are those of the quantized model with the adapter alone."""
+    import copy
+
+    import lorakit as lk
+    from lorakit.models import save_hf_folder
+    from lorakit.serve.server import ServeOptions, build_engine
+
+    tok, base, folders = setup
+    save_hf_folder(base, tok, tmp_path / "tiny")
+    options = ServeOptions(model=str(tmp_path / "tiny"), quantize="nf4", adapter={"b4": str(folders["b4"])})
+    engine = build_engine(options, log=lambda _: None)
+    got = Collector()
+    run(engine, [Request([1, 9, 12, 30], "b4", SamplingParams(8, temperature=0.0), got),
+                 Request([1, 5], None, SamplingParams(8, temperature=0.0), Collector())])
+    reference = copy.deepcopy(base)
+    lk.quantize_model(reference, "nf4", compute_dtype=torch.float32)
+    want = reference_greedy(reference, folders["b4"], [1, 9, 12, 30], 8, tok.eos_token_id)
+    assert got.tokens == [t for t in want if t != tok.eos_token_id]
