@@ -220,8 +220,13 @@ class Engine:
             request.text = TextTracker(self.tokenizer, request.params.stop)
             request.generator = make_generator(request.params, self.device)
             self.metrics.prompt_tokens.labels(request.model_name).inc(len(request.prompt))
-        batch, logits = RunningBatch.prefill(self.model, self.registry.bank, [r.prompt for r in chosen],
-                                             [r.adapter for r in chosen])
+        try:
+            batch, logits = RunningBatch.prefill(self.model, self.registry.bank, [r.prompt for r in chosen],
+                                                 [r.adapter for r in chosen])
+        except Exception as exc:  # only the new requests fail; the running batch is untouched
+            for request in chosen:
+                self._fail(request, f"prefill failed: {type(exc).__name__}: {exc}")
+            return
         if self.batch is None:
             self.batch = batch
         else:
