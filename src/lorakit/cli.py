@@ -472,6 +472,29 @@ def _one_of(option: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+@app.command()
+def serve(
+    config: Optional[Path] = typer.Option(None, help="YAML or TOML file with any of these settings"),
+    model: Optional[str] = typer.Option(None, help="'default' (SmolLM2-135M-Instruct), a HF folder, or a .gguf"),
+    adapter: Optional[list[str]] = typer.Option(None, help="NAME=PATH of an adapter folder (repeatable)"),
+    adapter_dir: Optional[str] = typer.Option(None, help="folder whose subfolders are adapters, named after them"),
+    served_model_name: Optional[str] = typer.Option(None, help="the base model's name in requests"),
+    host: Optional[str] = typer.Option(None, help="address to bind (default 127.0.0.1: this machine only)"),
+    port: Optional[int] = typer.Option(None, help="TCP port (default 8000)"),
+    max_batch: Optional[int] = typer.Option(None, help="rows decoded together (default 16)"),
+    max_adapters: Optional[int] = typer.Option(None, help="adapters held in memory; more load on use (default 8)"),
+    max_queue: Optional[int] = typer.Option(None, help="waiting requests before answering 503 (default 256)"),
+    quantize: Optional[str] = typer.Option(None, help="keep the base in nf4 (or fp4)"),
+    dtype: Optional[str] = typer.Option(None, help="fp32 (default) or bf16"),
+    api_key: Optional[str] = typer.Option(None, help="require 'Authorization: Bearer KEY' on every endpoint"),
+) -> None:
+    """OpenAI-compatible server: the base model and every adapter, batched together (continuous batching)."""
+    flags = {k: v for k, v in locals().items() if k != "config" and v not in (None, [])}
+    from .serve.server import run, serve_options
+
+    run(serve_options(config, flags), log=lambda message: console.print(f"[dim]{message}[/dim]"))
+
+
 def _print_estimate(cfg) -> None:
     from .train.estimate import estimate_table
 

@@ -23,7 +23,29 @@ def job_config(preset: dict[str, Any], path: Path | None, flags: dict[str, Any])
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """Settings by flag name, each coerced to its type (an error names the file and the key)."""
+    """Settings of `lorakit train` by flag name, each coerced to its type (an error names the file and the key)."""
+    origin = f"--config {path}"
+    hints = setting_types()
+    values = {}
+    for key, value in parse_settings_file(path).items():
+        name = flag_name(key, origin)
+        if name in values:
+            raise LorakitError(f"{origin}: {key!r} sets {name} a second time; keep one")
+        values[name] = coerce(name, value, hints[name], origin)
+    return values
+
+
+def read_settings_file(path: Path, fields: frozenset[str]) -> dict[str, Any]:
+    """Another command's settings (dashes read as underscores), uncoerced; a name outside `fields` is an error."""
+    values = {str(k).replace("-", "_"): v for k, v in parse_settings_file(path).items()}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise LorakitError(f"--config {path}: unknown settings {unknown}; known: {sorted(fields)}")
+    return values
+
+
+def parse_settings_file(path: Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML or TOML file, as written."""
     origin = f"--config {path}"
     if not path.is_file():
         raise LorakitError(f"{origin}: no such file")
@@ -45,14 +67,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise LorakitError(f"{origin}: cannot parse it ({exc})") from None
     if not isinstance(raw, dict):
         raise LorakitError(f"{origin}: expected a mapping of settings, got {type(raw).__name__}")
-    hints = setting_types()
-    values = {}
-    for key, value in raw.items():
-        name = flag_name(key, origin)
-        if name in values:
-            raise LorakitError(f"{origin}: {key!r} sets {name} a second time; keep one")
-        values[name] = coerce(name, value, hints[name], origin)
-    return values
+    return raw
 
 
 def parse_targets(text: str) -> list[str] | str:
