@@ -116,7 +116,7 @@ def adapter_config(model: nn.Module, adapter: str = "default", convert_pissa: bo
 def save(model: nn.Module, out_dir: str | os.PathLike, adapter: str | list[str] | None = "default",
          dtype: torch.dtype | None = None, convert_pissa: bool = True) -> Path:
     """Write adapter folders as PEFT does: one adapter into `out_dir`; None = all adapters, "default" at the
-    top and every other one in a subfolder of its name. Each file is replaced atomically.
+    top and every other one in a subfolder of its name. The folder is replaced as one unit (other files kept).
 
     A PiSSA adapter (init="pissa") is written as the whole change against the original weights: a plain
     LoRA pair of rank 2r ([A; A0], [B, -B0]) with alpha keeping the scaling and `init_lora_weights: true`,
