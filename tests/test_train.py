@@ -164,7 +164,7 @@ def test_two_gloo_processes_match_one(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("rows, message", [
-    ([{"prompt": "a"}, {"prompt": "b", "completion": "c"}], "row 0 is missing field 'completion'"),
+    ([{"prompt": "a"}, {"prompt": "b", "completion": "c"}], "data.jsonl line 1 is missing field 'completion'"),
     ([], "empty"),
 ])
 def test_bad_data_gives_a_clear_error(rows, message, tiny_model, tmp_path):
