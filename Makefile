@@ -17,7 +17,7 @@ assets: $(STAMP)
 	$(PY) -m lorakit.assets fetch
 
 demo: setup
-	$(VENV)/bin/lorakit train
+	$(VENV)/bin/lorakit train --overwrite
 
 test: setup
 	$(PY) -m pytest -q

@@ -15,7 +15,7 @@ from rich.table import Table
 from .errors import LorakitError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="LoRA and QLoRA fine-tuning: train, inspect, merge and quantize adapters.")
+                  help="LoRA and QLoRA: train, inspect, merge, combine, analyze, export and serve adapters.")
 console = Console()
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
