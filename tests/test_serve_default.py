@@ -21,7 +21,7 @@ def adapter(tmp_path_factory) -> Path:
     from lorakit.train.job import JobConfig, run_job
 
     out = tmp_path_factory.mktemp("demo") / "run"
-    run_job(JobConfig(steps=12, lr=2e-3, batch_size=8, eval_size=16, out=str(out)), progress=False)
+    run_job(JobConfig.of(steps=12, lr=2e-3, batch_size=8, eval_size=16, out=str(out)), progress=False)
     return out / "adapter"
 
 
@@ -30,7 +30,7 @@ def test_sentiment_adapter_served_as_eval_answers(adapter, tmp_path):
     from lorakit.train.evaluate import choice_predictions
     from lorakit.train.job import JobConfig, prepare
 
-    model, tokenizer, prepared = prepare(JobConfig(eval_size=8), torch.device("cpu"), adapter=str(adapter))
+    model, tokenizer, prepared = prepare(JobConfig.of(eval_size=8), torch.device("cpu"), adapter=str(adapter))
     task = prepared.choice
     rows = list(range(len(task.prompts)))
     predicted = choice_predictions(model.eval(), task, rows).tolist()
