@@ -201,10 +201,14 @@ def metric(server, name):
     return sum(values)
 
 
-def test_disconnect_mid_stream_frees_the_row(server):
+def test_disconnect_mid_stream_frees_the_row(server, files):
+    # Greedy, and a continuation with no end-of-sequence token in it: the request is certainly still
+    # generating when the client leaves (a sampled one could stop early and finish instead of being cancelled).
+    _, tokens = expected_text(files, "c16", "the plot is", 80)
+    assert len(tokens) == 80 and files[2].eos_token_id not in tokens, "pick a prompt that generates 80 tokens"
     cancelled = metric(server, "lorakit_cancelled_requests_total")
     with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
-                      json={"model": "c16", "prompt": "the plot is", "max_tokens": 80, "temperature": 0.8,
+                      json={"model": "c16", "prompt": "the plot is", "max_tokens": 80, "temperature": 0,
                             "stream": True}) as response:
         lines = response.iter_lines()
         next(line for line in lines if line.startswith("data:"))
