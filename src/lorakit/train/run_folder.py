@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import atomic
+from ..assets import sha256_file
 from ..errors import LorakitError
 from ..version import __version__
 from . import checkpoint
@@ -172,7 +173,7 @@ def fingerprint(spec: str | None, model: bool = False) -> str | None:
     if not path.exists():
         return None
     if path.is_file() and not model:
-        return _sha256_file(path)
+        return sha256_file(path)
     files = sorted(path.iterdir()) if path.is_dir() else [path]
     digest = hashlib.sha256()
     for item in files:
@@ -180,14 +181,6 @@ def fingerprint(spec: str | None, model: bool = False) -> str | None:
             digest.update(f"{item.name}:{item.stat().st_size}\n".encode())
             if item.suffix == ".json":
                 digest.update(item.read_bytes())
-    return digest.hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 
