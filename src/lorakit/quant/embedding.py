@@ -57,6 +57,14 @@ class QuantTable(nn.Module):
         else:
             self._set_4bit(QuantizedTensor.zeros((rows, cols), table_type, blocksize, double_quant, dtype, device))
 
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, table_type: str, blocksize: int, double_quant: bool) -> QuantTable:
+        """A module of this class holding `weight` quantized (built on meta, so no dense copy is allocated)."""
+        rows, cols = weight.shape
+        module = cls(rows, cols, table_type, weight.dtype, blocksize, double_quant, device="meta")
+        module.quantize_from(weight)
+        return module
+
     def quantize_from(self, weight: torch.Tensor) -> None:
         """Fill the table from a dense (rows, cols) weight, on that weight's device."""
         if self.table_type == "int8":
@@ -195,9 +203,7 @@ class QuantEmbedding(QuantTable):
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, table_type: str, blocksize: int = 64,
                        double_quant: bool = True) -> QuantEmbedding:
-        rows, cols = embedding.weight.shape
-        module = cls(rows, cols, table_type, embedding.weight.dtype, blocksize, double_quant, device="meta")
-        module.quantize_from(embedding.weight)
+        module = cls.from_weight(embedding.weight, table_type, blocksize, double_quant)
         module.padding_idx = embedding.padding_idx
         return module
 
@@ -262,9 +268,7 @@ class QuantHead(QuantTable):
     @classmethod
     def from_linear(cls, linear: nn.Linear, table_type: str, blocksize: int = 64,
                     double_quant: bool = True) -> QuantHead:
-        rows, cols = linear.weight.shape
-        module = cls(rows, cols, table_type, linear.weight.dtype, blocksize, double_quant, device="meta")
-        module.quantize_from(linear.weight)
+        module = cls.from_weight(linear.weight, table_type, blocksize, double_quant)
         module.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
                                                                     requires_grad=linear.bias.requires_grad)
         return module
