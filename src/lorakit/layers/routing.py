@@ -141,7 +141,8 @@ class AdapterBank:
     scaling (slots,); an adapter occupies the same slot in every layer, with zeros (scaling 0) in layers it
     does not adapt. Adapters the bank cannot hold (DoRA, fused groups, non-linear kinds) are left to grouping."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity  # most adapters held at once, if known: stacks never grow past it + 1 slots
         self.slots: dict[str, int] = {}  # adapter name -> slot (>= 1; 0 is the base)
         self.stacks: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # id(layer) -> (A, B, scaling)
         self.layers: dict[int, LoraLayer] = {}
@@ -195,7 +196,8 @@ class AdapterBank:
             have, r_have, fan_out = old[0].shape[0], old[0].shape[1], old[1].shape[1]
             if slot < have and r <= r_have:
                 return old
-            slots, r_max = (have if slot < have else max(slot + 1, 2 * have)), max(r, r_have)
+            grown = 2 * have if self.capacity is None else min(2 * have, self.capacity + 1)
+            slots, r_max = (have if slot < have else max(slot + 1, grown)), max(r, r_have)
         A = A_new.new_zeros(slots, r_max, fan_in)
         B = A_new.new_zeros(slots, fan_out, r_max)
         scaling = A_new.new_zeros(slots)

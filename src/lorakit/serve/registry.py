@@ -31,7 +31,7 @@ class AdapterRegistry:
         if max_loaded < 1:
             raise LorakitError(f"--max-adapters must be at least 1, got {max_loaded}")
         self.model, self.base_name, self.max_loaded = model, base_name, max_loaded
-        self.bank = AdapterBank()
+        self.bank = AdapterBank(capacity=max_loaded)
         self.paths: dict[str, Path] = {}
         self.loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self.in_use: Counter[str] = Counter()
