@@ -6,15 +6,17 @@ Configurations (each in its own process; the adapters are the same in all: lorak
 B ~ N(0, 0.01), seeded, and PEFT loads them from lk.save folders):
   lk_cat, lk_linear        lk.combine(weights 1, -0.5), method cat / linear (exact, factored SVD)
   lk_linear_r64            lk.combine linear truncated to rank 64
-  lk_ties                  lk.combine ties, density 0.5, rank 64 (dense ΔW, one SVD per layer)
+  lk_ties                  lk.combine ties, density 0.5, rank 64 (dense ΔW, Gram eigen decomposition per layer)
+  lk_dare_ties             lk.combine dare_ties, density 0.5, rank 64 (the same dense path with seeded drops)
   lk_resize                lk.resize one adapter to rank 32
   lk_analyze               lk.analysis.analyze(a, b): spectra, amplification, both φ grids
   peft_cat, peft_linear    add_weighted_adapter(..., "cat" / "linear")
   peft_svd_r64             add_weighted_adapter(..., "svd", svd_rank=64)
   peft_ties_svd_r64        add_weighted_adapter(..., "ties_svd", density=0.5, svd_rank=64)
 Each prints wall and CPU seconds of the one call and the relative Frobenius error of the result against the
-exact Σ w_i·s_i·B_i·A_i (for ties: nothing to compare, reported as -). CPU seconds approximate what a quiet machine
-needs at one thread (--threads, default 1); on a loaded host wall time is several times larger.
+exact Σ w_i·s_i·B_i·A_i; for lk_ties, against the dense TIES merge truncated to rank 64 by a full
+torch.linalg.svd (the path lorakit used before GramSpectrum), on the 7 layers of block 0. CPU seconds approximate
+what a quiet machine needs at one thread (--threads, default 1); on a loaded host wall time is several times larger.
 Run: python bench/bench_arithmetic.py [--only 'lk_*']
 """
 
@@ -29,11 +31,12 @@ import torch
 from harness import main, table
 
 import lorakit as lk
+from lorakit.arithmetic.dense import merge_dense
 from lorakit.models import load_base_model
 from lorakit.state import lora_layers
 
 WEIGHTS = {"a": 1.0, "b": -0.5}
-CONFIGS = ["lk_cat", "lk_linear", "lk_linear_r64", "lk_ties", "lk_resize", "lk_analyze",
+CONFIGS = ["lk_cat", "lk_linear", "lk_linear_r64", "lk_ties", "lk_dare_ties", "lk_resize", "lk_analyze",
            "peft_cat", "peft_linear", "peft_svd_r64", "peft_ties_svd_r64"]
 PEFT_CALLS = {"peft_cat": {"combination_type": "cat"}, "peft_linear": {"combination_type": "linear"},
               "peft_svd_r64": {"combination_type": "svd", "svd_rank": 64},
@@ -54,6 +57,14 @@ def lorakit_model() -> torch.nn.Module:
 
 def exact(layer) -> torch.Tensor:
     return sum(w * layer.lora_delta(a, torch.float64) for a, w in WEIGHTS.items())
+
+
+def ties_by_full_svd(layer, rank: int = 64, density: float = 0.5) -> torch.Tensor:
+    """The reference for lk_ties: the dense TIES merge, truncated by a full SVD."""
+    merged = merge_dense([w * layer.lora_delta(a, torch.float64) for a, w in WEIGHTS.items()], "ties", density,
+                         torch.Generator())
+    U, S, Vh = torch.linalg.svd(merged, full_matrices=False)
+    return U[:, :rank] * S[:rank] @ Vh[:rank]
 
 
 def relative_error(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -77,6 +88,7 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
             "lk_linear": lambda: lk.combine(model, WEIGHTS, method="linear", name="c"),
             "lk_linear_r64": lambda: lk.combine(model, WEIGHTS, method="linear", name="c", rank=64),
             "lk_ties": lambda: lk.combine(model, WEIGHTS, method="ties", name="c", rank=64, density=0.5),
+            "lk_dare_ties": lambda: lk.combine(model, WEIGHTS, method="dare_ties", name="c", rank=64, density=0.5),
             "lk_resize": lambda: lk.resize(model, "a", rank=32),
             "lk_analyze": lambda: lk.analysis.analyze(model, "a", "b"),
         }
@@ -84,6 +96,9 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         error = None
         if name in ("lk_cat", "lk_linear", "lk_linear_r64"):
             error = relative_error([(layer.lora_delta("c", torch.float64), exact(layer)) for _, layer in lora_layers(model)])
+        if name == "lk_ties":
+            block0 = list(lora_layers(model))[:7]
+            error = relative_error([(layer.lora_delta("c", torch.float64), ties_by_full_svd(layer)) for _, layer in block0])
         return {"seconds": wall, "cpu_seconds": cpu, "error": error}
     import peft
 

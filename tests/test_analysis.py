@@ -20,6 +20,7 @@ from lorakit.analysis import (
     subspace_similarity,
 )
 from lorakit.cli import app
+from lorakit.errors import LorakitError
 from lorakit.state import lora_layers
 from tiny_models import _llama, randomize_adapters
 
@@ -150,9 +151,11 @@ def test_cli_combine_resize_extract_analyze(tmp_path):
     model = copy.deepcopy(base)
     lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules="all-linear"), "a")
     lk.add_adapter(model, "b", lk.LoraConfig(r=2, alpha=2, target_modules=["q_proj"]))
+    lk.add_adapter(model, "d", lk.LoraConfig(r=2, alpha=2, target_modules=["q_proj"], use_dora=True))
     randomize_adapters(model, "a", seed=1)
     randomize_adapters(model, "b", seed=2)
-    for name in "ab":
+    randomize_adapters(model, "d", seed=3)
+    for name in "abd":
         lk.save(model, tmp_path / name, adapter=name)
     runner, folder = CliRunner(), str(tmp_path / "base")
 
@@ -166,6 +169,13 @@ def test_cli_combine_resize_extract_analyze(tmp_path):
     assert json.loads((tmp_path / "ab" / "adapter_config.json").read_text())["rank_pattern"]
     run("resize", str(tmp_path / "ab"), "--rank", "3", "--model", folder, "--out", str(tmp_path / "ab3"))
     assert json.loads((tmp_path / "ab3" / "adapter_config.json").read_text())["r"] == 3
+    refused = runner.invoke(app, ["combine", str(tmp_path / "d"), str(tmp_path / "a"), "--rank", "4", "--model", folder,
+                                  "--out", str(tmp_path / "da")])
+    assert isinstance(refused.exception, LorakitError) and "--dora-as-update" in str(refused.exception)
+    assert not (tmp_path / "da").exists()
+    run("combine", str(tmp_path / "d"), str(tmp_path / "a"), "--dora-as-update", "--rank", "4", "--model", folder,
+        "--out", str(tmp_path / "da"))
+    assert json.loads((tmp_path / "da" / "adapter_config.json").read_text())["use_dora"] is False
 
     merged = lk.unload(model.cpu(), merge=True)  # "a" is active: the merged model is base + ΔW_a
     merged.save_pretrained(tmp_path / "merged")

@@ -1,6 +1,6 @@
 """lk.combine / lk.resize / lk.extract against known answers: Σ w_i·ΔW_i computed here from the raw factors and
-LoraConfig's scaling, direct loop implementations of the TIES and DARE definitions, PEFT's cross terms, and
-PEFT loading the saved results."""
+LoraConfig's scaling, direct loop implementations of the TIES and DARE definitions, PEFT's cross terms, PEFT
+loading the saved results, and for DoRA sources PEFT's own DoRA merge and forward."""
 
 from __future__ import annotations
 
@@ -337,19 +337,175 @@ def test_full_fine_tune_extraction_improves_as_energy_rises():
     assert errors == sorted(errors, reverse=True) and errors[-1] < 0.5 * errors[0]
 
 
-# ---- refusals --------------------------------------------------------------------------------------------------
-def test_dora_inputs_are_refused_and_the_model_is_untouched():
+# ---- dense helpers ----------------------------------------------------------------------------------------
+def test_trim_keeps_the_first_of_tied_entries_like_the_reference():
+    from lorakit.arithmetic.dense import trim
+
+    task = [1.0, -1.0, 1.0, 0.5, -1.0, 2.0, 0.0, -0.5]
+    for density in (0.0, 0.25, 0.375, 0.5, 0.75, 1.0):
+        got = trim(torch.tensor(task, dtype=torch.float64).view(2, 4), density).flatten().tolist()
+        assert got == reference_trim(task, density), density
+
+
+@pytest.mark.parametrize("shape", [(40, 25), (25, 40)])
+def test_gram_spectrum_truncation_equals_the_svd_truncation(shape):
+    from lorakit.arithmetic.factors import GramSpectrum
+
+    gen = torch.Generator().manual_seed(0)
+    q = min(shape)
+    U = torch.linalg.qr(torch.randn(shape[0], q, generator=gen, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(shape[1], q, generator=gen, dtype=torch.float64))[0]
+    S = torch.logspace(0, -5, q, dtype=torch.float64)  # a wide spread of singular values
+    M = U * S @ V.T
+    spectrum = GramSpectrum.of(M)
+    torch.testing.assert_close(spectrum.S, S, atol=1e-7, rtol=0)  # σ² to float64 round-off of σ_1²
+    for k in (1, 5, q):
+        got = spectrum.truncated(k)
+        want = U[:, :k] * S[:k] @ V[:, :k].T
+        assert float((got.dense() - want).abs().max()) < 1e-12
+        assert spectrum.kept_fraction(k) == pytest.approx(float(S[:k].pow(2).sum() / S.pow(2).sum()), rel=1e-12)
+
+
+# ---- DoRA sources, against PEFT's DoRA --------------------------------------------------------------------------
+def dora_model(targets=("q_proj", "v_proj", "down_proj")) -> nn.Module:
+    """A tiny llama with plain LoRA "a" and DoRA "d" (random A, B and magnitudes away from ||W||)."""
+    torch.manual_seed(0)
     model = _llama().eval()
-    lk.inject(model, lk.LoraConfig(r=2, target_modules=["q_proj"]), "a")
-    lk.add_adapter(model, "d", lk.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
-    with pytest.raises(LorakitError, match="DoRA.*lk.extract"):
-        lk.combine(model, {"a": 1.0, "d": 1.0}, method="cat", name="x")
-    with pytest.raises(LorakitError, match="DoRA"):
-        lk.resize(model, "d", rank=1)
+    lk.inject(model, lk.LoraConfig(r=3, alpha=6, target_modules=list(targets)), "a")
+    lk.add_adapter(model, "d", lk.LoraConfig(r=4, alpha=8, target_modules=list(targets[:2]), use_dora=True))
+    randomize_adapters(model, "a", seed=1)
+    randomize_adapters(model, "d", seed=2)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            if "d" in layer.lora_adapters:
+                m = layer.lora_file_tensors("d")["lora_magnitude_vector"]
+                m.mul_(1 + 0.3 * torch.randn(m.shape, generator=gen))
+    return model
+
+
+def peft_effective_updates(model: nn.Module, adapter: str, tmp_path) -> dict[str, torch.Tensor]:
+    """W' - W per layer of `adapter`, W' from PEFT's own merge of the saved adapter (float64)."""
+    lk.save(model, tmp_path / adapter, adapter=adapter)
+    merged = _peft_model_with(model, {adapter: str(tmp_path / adapter)}).merge_and_unload()
+    return {name: merged.get_submodule(name).weight.detach().double() - layer.weight.detach().double()
+            for name, layer in lora_layers(model) if adapter in layer.lora_adapters}
+
+
+def model_with_weights_plus(model: nn.Module, deltas: dict[str, torch.Tensor]) -> nn.Module:
+    """The plain base of `model` with W + delta on the named layers (the reference network)."""
+    reference = lk.unload(copy.deepcopy(model), merge=False)
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            weight = reference.get_submodule(name).weight
+            weight.copy_((weight.double() + delta).float())
+    return reference.eval()
+
+
+@pytest.mark.parametrize("weight", [1.0, -0.6, -2.0])
+def test_one_dora_source_gives_an_exact_dora_adapter(weight, tmp_path):
+    model = dora_model()
+    want = {n: weight * d for n, d in peft_effective_updates(model, "d", tmp_path).items()}
+    report = lk.combine(model, {"d": weight}, method="linear", name="m")
+    assert model.lorakit_state.configs["m"].use_dora and all(layer.kept_energy == 1.0 for layer in report.layers)
+    for layer in report.layers:
+        assert layer.norm == pytest.approx(float(want[layer.module].norm()), rel=1e-5)
+    ids = _ids(2)
+    reference = model_with_weights_plus(model, want)(input_ids=ids).logits
+    lk.set_active(model, "m")
+    torch.testing.assert_close(model(input_ids=ids).logits, reference, atol=2e-5, rtol=1e-4)
+    lk.save(model, tmp_path / "m", adapter="m")
+    theirs = _peft_model_with(model, {"m": str(tmp_path / "m")}).eval()
+    torch.testing.assert_close(theirs(input_ids=ids).logits, reference, atol=2e-5, rtol=1e-4)
+    if weight == 1.0:  # the source itself, returned exactly
+        for _, layer in lora_layers(model):
+            if "d" in layer.lora_adapters:
+                s = layer.lora_adapters["d"].scaling
+                torch.testing.assert_close(layer.lora_B["m"], s * layer.lora_B["d"])
+                torch.testing.assert_close(layer.lora_A["m"], layer.lora_A["d"])
+                torch.testing.assert_close(layer.lora_file_tensors("m")["lora_magnitude_vector"],
+                                           layer.lora_file_tensors("d")["lora_magnitude_vector"])
+
+
+def test_resizing_a_dora_adapter_truncates_its_direction_and_keeps_its_magnitude(tmp_path):
+    model = dora_model()
+    ids = _ids(2)
+    want = model_with_weights_plus(model, peft_effective_updates(model, "d", tmp_path))(input_ids=ids).logits
+    lk.resize(model, "d", rank=4)  # at its rank: the same adapter
+    lk.set_active(model, "d")
+    torch.testing.assert_close(model(input_ids=ids).logits, want, atol=2e-5, rtol=1e-4)
+    direction = exact_sum(model, {"d": 1.0})
+    magnitudes = {n: layer.lora_file_tensors("d")["lora_magnitude_vector"].detach().clone()
+                  for n, layer in lora_layers(model) if "d" in layer.lora_adapters}
+    report = lk.resize(model, "d", rank=2)
+    assert "magnitude kept" in report.method
+    after = exact_sum(model, {"d": 1.0})
+    for layer in report.layers:
+        S = torch.linalg.svdvals(direction[layer.module])
+        residual = float((direction[layer.module] - after[layer.module]).norm() ** 2)
+        assert residual == pytest.approx(float(S[2:].pow(2).sum()), rel=1e-4)
+        assert layer.kept_energy == pytest.approx(float(S[:2].pow(2).sum() / S.pow(2).sum()), rel=1e-6)
+        torch.testing.assert_close(model.get_submodule(layer.module).lora_file_tensors("d")["lora_magnitude_vector"],
+                                   magnitudes[layer.module], atol=0, rtol=0)
+    assert model.lorakit_state.configs["d"].use_dora
+    lk.save(model, tmp_path / "d2", adapter="d")
+    theirs = _peft_model_with(model, {"d": str(tmp_path / "d2")}).eval()
+    torch.testing.assert_close(theirs(input_ids=ids).logits, model(input_ids=ids).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_dora_as_update_combines_the_effective_updates(tmp_path):
+    model = dora_model()
+    weights = {"d": 0.7, "a": -0.5}
+    effective = peft_effective_updates(model, "d", tmp_path)
+    lora = exact_sum(model, {"a": 1.0})
+    want = {n: weights["a"] * lora[n] + (weights["d"] * effective[n] if n in effective else 0) for n in lora}
+    report = lk.combine(model, weights, method="linear", name="full", rank=64, dora_as_update=True)  # >= min(out, in)
+    got = result_delta(model, "full")
+    assert not model.lorakit_state.configs["full"].use_dora
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5 * float(want[name].abs().max()), rtol=1e-4)
+    assert all(layer.kept_energy == pytest.approx(1.0) for layer in report.layers)
+    report = lk.combine(model, weights, method="linear", name="r2", rank=2, dora_as_update=True)
+    got = result_delta(model, "r2")
+    for layer in report.layers:
+        S = torch.linalg.svdvals(want[layer.module])
+        assert layer.rank_after == 2
+        assert layer.kept_energy == pytest.approx(float(S[:2].pow(2).sum() / S.pow(2).sum()), rel=1e-4)
+        residual = float((want[layer.module] - got[layer.module]).norm() ** 2)
+        assert residual == pytest.approx(float(S[2:].pow(2).sum()), rel=1e-3)
+    lk.combine(model, weights, method="ties", name="t", density=0.5, rank=64, dora_as_update=True)
+    got = result_delta(model, "t")
+    for name in want:  # TIES on the same task vectors, directly
+        tasks = [weights["a"] * lora[name]] + ([weights["d"] * effective[name]] if name in effective else [])
+        expected = torch.tensor(reference_merge([t.flatten().tolist() for t in tasks], "ties", 0.5, None),
+                                dtype=torch.float64).view(got[name].shape)
+        torch.testing.assert_close(got[name], expected, atol=1e-5 * float(expected.abs().max()), rtol=1e-4)
+
+
+@pytest.mark.parametrize("weights, kwargs, message", [
+    ({"a": 1.0, "d": 1.0}, {"method": "cat"}, "no DoRA adapter.*dora_as_update=True"),
+    ({"d": 1.0, "a": 0.0}, {"method": "linear"}, "no DoRA adapter"),
+    ({"d": 1.0}, {"method": "ties", "density": 0.5}, "trims or drops.*dora_as_update"),
+    ({"d": 1.0}, {"method": "linear", "rank": 2}, "lk.resize"),
+    ({"d": 1.0}, {"method": "cat", "dora_as_update": True}, "dense; use method='linear'"),
+    ({"d": 1.0}, {"method": "linear", "dora_as_update": True}, "give rank=k"),
+    ({"a": 1.0}, {"method": "linear", "dora_as_update": True}, "none of .* is DoRA"),
+])
+def test_dora_combinations_without_an_exact_result_are_refused(weights, kwargs, message):
+    model = dora_model()
+    with pytest.raises(LorakitError, match=message):
+        lk.combine(model, weights, name="x", **kwargs)
     assert set(model.lorakit_state.configs) == {"a", "d"}
     assert all("x" not in layer.lora_adapters for _, layer in lora_layers(model))
 
 
+def test_analysis_of_a_dora_adapter_is_refused():
+    model = dora_model()
+    with pytest.raises(LorakitError, match="DoRA.*lk.extract"):
+        lk.analysis.analyze(model, "d")
+
+
+# ---- refusals --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, message", [
     ({"method": "ties"}, "needs density"),
     ({"method": "cat", "rank": 2}, "takes no rank"),

@@ -271,6 +271,8 @@ def combine(
     rank: Optional[int] = typer.Option(None, help="rank of the result (default: exact for cat/linear, Σ r_i else)"),
     density: Optional[float] = typer.Option(None, help="share of entries kept (ties, dare_*, magnitude_prune)"),
     seed: int = typer.Option(0, help="seed of DARE's random drops"),
+    dora_as_update: bool = typer.Option(False, "--dora-as-update", help="DoRA inputs count as their effective "
+                                        "update W' - W; the result is a plain LoRA adapter of --rank"),
     model: str = typer.Option("default", help="base model: 'default', a Hugging Face folder or a .gguf"),
     out: Path = typer.Option(..., help="folder for the combined adapter (PEFT layout)"),
 ) -> None:
@@ -289,7 +291,7 @@ def combine(
             io.load(base, folder, adapter=name)
     with console.status(f"combining ({method})"):
         report = combine_adapters(base, dict(zip(names, values)), method=method, name="combined", rank=rank,
-                                  density=density, seed=seed)
+                                  density=density, seed=seed, dora_as_update=dora_as_update)
     io.save(base, out, adapter="combined")
     _print_rank_report(report, " + ".join(f"{w:g}·{a}" for w, a in zip(values, adapters)))
     console.print(f"wrote {out}")

@@ -38,6 +38,7 @@ def plot_similarity(analysis: AdapterAnalysis, out_dir: Path, which: str = "A") 
             for row, (view, note) in enumerate(views):
                 ax = axes[row][column]
                 image = ax.imshow(view.float().numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto",
+                                  interpolation="nearest",  # one flat cell per (i, j): exact and small PNGs
                                   origin="upper", extent=(0.5, view.shape[1] + 0.5, view.shape[0] + 0.5, 0.5))
                 ax.set_title(_short(layer.module) + note, fontsize=8)
                 ax.set_xlabel(f"j ({analysis.other})", fontsize=7)

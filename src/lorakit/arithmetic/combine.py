@@ -7,6 +7,9 @@
   then the top `rank` directions of the result (default: Σ r_i of the inputs at that layer).
 A layer that only some inputs adapt counts as ΔW = 0 in the others. Unlike PEFT's add_weighted_adapter, which
 mixes the A and B stacks separately (so its result holds cross terms B_i·A_j), nothing here mixes factors.
+DoRA sources (arithmetic/dora.py): one alone with cat / untruncated linear gives an exact DoRA adapter; with
+dora_as_update=True each counts as its dense effective update W' - W and the result is a plain LoRA adapter
+of `rank`; anything else is refused, since no DoRA adapter holds it.
 """
 
 from __future__ import annotations
@@ -18,32 +21,42 @@ from torch import nn
 
 from ..errors import LorakitError
 from ..state import get_state, lora_layers
+from . import dora
 from .build import add_from_updates, check_source
 from .dense import DENSE_METHODS, merge_dense
-from .factors import Update, chosen_rank, dense_svd, factored_svd, layer_update, numerical_rank
+from .factors import GramSpectrum, Update, chosen_rank, factored_svd, layer_update, numerical_rank
 from .report import LayerReport, RankReport
 
 METHODS = ("cat", "linear", *DENSE_METHODS)
 
 
 def combine(model: nn.Module, weights: dict[str, float], method: str = "linear", name: str = "combined",
-            rank: int | None = None, density: float | None = None, seed: int = 0) -> RankReport:
+            rank: int | None = None, density: float | None = None, seed: int = 0,
+            dora_as_update: bool = False) -> RankReport:
     """Add adapter `name` = the `method` combination of {adapter: weight}; returns the per-layer report.
 
     `density` (share of entries kept) is needed by ties / dare_* / magnitude_prune; `seed` fixes DARE's
     random drops (one generator, layers in model order, inputs in the order of `weights`).
+    `dora_as_update`: DoRA sources count as their effective update W' - W (dense), and the result is a
+    plain LoRA adapter of `rank` (required for linear); without it DoRA sources are taken only where the
+    result is exactly a DoRA adapter (one source, cat or untruncated linear).
     """
     _check_arguments(model, weights, method, name, rank, density)
+    dora_sources = [a for a in weights if dora.is_dora(model, a)]
+    _check_dora(model, dora_sources, weights, method, rank, dora_as_update)
+    if dora_sources and not dora_as_update:
+        return _one_dora_source(model, dora_sources[0], float(weights[dora_sources[0]]), method, name)
     generator = torch.Generator().manual_seed(seed)
     updates: dict[str, Update] = {}
-    report = RankReport(adapter=name, method=method)
+    report = RankReport(adapter=name, method=method + (" (DoRA sources as W' - W)" if dora_sources else ""))
     for module, layer in lora_layers(model):
         present = [(a, float(w)) for a, w in weights.items() if a in layer.lora_adapters]
         if not present:
             continue
-        parts = [(w, layer_update(layer, a, module)) for a, w in present]
-        rank_before = sum(u.rank for _, u in parts)
-        if method in ("cat", "linear"):
+        rank_before = sum(layer.lora_A[a].shape[0] for a, _ in present)  # fused parts: r each
+        parts = [(w, dora.effective_update(layer, a) if a in dora_sources else layer_update(layer, a, module))
+                 for a, w in present]
+        if method == "cat" or (method == "linear" and not dora_sources):
             stacked = Update(torch.cat([w * u.B for w, u in parts], 1), torch.cat([u.A for _, u in parts], 0))
             if method == "cat":
                 norm = math.sqrt(stacked.squared_norm())
@@ -54,14 +67,65 @@ def combine(model: nn.Module, weights: dict[str, float], method: str = "linear",
             shape = (stacked.B.shape[0], stacked.A.shape[1])
             keep = numerical_rank(spectrum, shape) if rank is None else chosen_rank(spectrum, rank, None)
         else:
-            tasks = [w * u.dense() for w, u in parts]
-            spectrum = dense_svd(merge_dense(tasks, method, density, generator))
+            tasks = [w * (u if isinstance(u, torch.Tensor) else u.dense()) for w, u in parts]
+            merged = sum(tasks) if method == "linear" else merge_dense(tasks, method, density, generator)
+            spectrum = GramSpectrum.of(merged)
             keep = chosen_rank(spectrum, rank or rank_before, None)
         norm = float(spectrum.S.pow(2).sum().sqrt())
         report.layers.append(LayerReport(module, rank_before, keep, norm, spectrum.kept_fraction(keep)))
         updates[module] = spectrum.truncated(keep)
     add_from_updates(model, name, updates)
     return report
+
+
+def _one_dora_source(model: nn.Module, source: str, weight: float, method: str, name: str) -> RankReport:
+    """`weight`·(W' - W) of one DoRA adapter, exactly, as a DoRA adapter (see arithmetic/dora.py)."""
+    updates: dict[str, Update] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
+    report = RankReport(adapter=name, method=f"{method} (one DoRA source, exact DoRA result)")
+    for module, layer in lora_layers(model):
+        if source not in layer.lora_adapters:
+            continue
+        updates[module], magnitudes[module], norm = dora.weighted_source(layer, source, weight, module)
+        report.layers.append(LayerReport(module, updates[module].rank, updates[module].rank, norm, 1.0))
+    add_from_updates(model, name, updates, magnitudes)
+    return report
+
+
+def _check_dora(model: nn.Module, sources: list[str], weights: dict[str, float], method: str, rank: int | None,
+                dora_as_update: bool) -> None:
+    """Where DoRA sources give an exact result, a DoRA one, or (asked for) a LoRA one of W' - W; else why not."""
+    if not isinstance(dora_as_update, bool):
+        raise LorakitError(f"dora_as_update must be True or False, got {dora_as_update!r}")
+    if dora_as_update and not sources:
+        raise LorakitError(f"dora_as_update applies to DoRA sources, and none of {list(weights)} is DoRA; leave it out")
+    for source in sources:
+        dora.check_base_unmerged(model, source)
+    if dora_as_update:
+        if method == "cat":
+            raise LorakitError("cat concatenates low-rank factors, and a DoRA source's effective update W' - W is "
+                               "dense; use method='linear' with rank=k (the report gives the energy kept)")
+        if method == "linear" and rank is None:
+            raise LorakitError("a DoRA source's effective update W' - W is full rank, so an exact linear result would "
+                               "be a full-rank adapter; give rank=k (the report gives the share of ||ΔW||_F² kept)")
+        return
+    if not sources:
+        return
+    why = (f"adapter(s) {sources} are DoRA: each turns W into m·(W + s·B·A)/||W + s·B·A|| with its own magnitudes, "
+           "so their update W' - W is not s·B·A")
+    if len(weights) > 1:
+        raise LorakitError(
+            f"{why}, and a weighted combination of DoRA adapters with each other or with LoRA ones is no DoRA adapter "
+            "(no single magnitude and direction give it). Pass dora_as_update=True (CLI --dora-as-update) to combine "
+            "their effective updates into a plain LoRA adapter of rank=k with a report of the energy kept, or "
+            "combine one DoRA adapter alone"
+        )
+    if method not in ("cat", "linear"):
+        raise LorakitError(f"{why}; {method} trims or drops entries of W' - W, which a DoRA adapter cannot hold. Pass "
+                           "dora_as_update=True (CLI --dora-as-update) for a plain LoRA adapter of the result")
+    if rank is not None:
+        raise LorakitError(f"{why}; combine it exactly (rank=None, a DoRA adapter) and then lk.resize(model, name, "
+                           "rank=k), which truncates its direction and keeps its magnitude")
 
 
 def _check_arguments(model: nn.Module, weights: dict[str, float], method: str, name: str, rank: int | None,

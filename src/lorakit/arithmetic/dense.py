@@ -18,12 +18,22 @@ DENSE_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
 def trim(task: Tensor, density: float) -> Tensor:
-    """Keep the int(density·numel) entries of largest magnitude, zero the rest."""
-    keep = int(density * task.numel())
-    if keep >= task.numel():
+    """Keep the int(density·numel) entries of largest magnitude, zero the rest; among entries tied with the
+    smallest kept magnitude, the first ones in row-major order are kept.
+
+    The threshold comes from one selection (kthvalue, linear time) instead of a sort of the entries."""
+    n = task.numel()
+    keep = int(density * n)
+    if keep >= n:
         return task
-    mask = torch.zeros(task.numel(), dtype=torch.bool, device=task.device)
-    mask[task.abs().flatten().topk(keep).indices] = True
+    if keep == 0:
+        return torch.zeros_like(task)
+    magnitude = task.abs().flatten()
+    threshold = magnitude.kthvalue(n - keep + 1).values  # the keep-th largest magnitude
+    mask = magnitude > threshold
+    missing = keep - int(mask.sum())
+    if missing:
+        mask[(magnitude == threshold).nonzero().flatten()[:missing]] = True
     return task * mask.view(task.shape)
 
 

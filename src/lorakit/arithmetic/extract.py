@@ -1,6 +1,6 @@
 """lk.extract: a LoRA adapter from the weight differences of a fully fine-tuned (or merged) model.
 
-ΔW = W_tuned - W_base is dense here, so each layer takes one thin SVD of its (out, in) difference; the
+ΔW = W_tuned - W_base is dense here, so each layer takes the spectrum of its (out, in) difference (GramSpectrum); the
 adapter keeps the top `rank` directions or the fewest holding `energy` of ||ΔW||_F². Changed parameters a
 LoRA pair cannot hold (biases, norms, layers outside the targets) are listed in the report, never dropped
 silently.
@@ -19,7 +19,7 @@ from ..layers.core import LoraLayer
 from ..layers.registry import lora_class_for
 from ..state import find_state, lora_layers
 from .build import add_from_updates
-from .factors import Update, check_target, chosen_rank, dense_svd
+from .factors import GramSpectrum, Update, check_target, chosen_rank
 from .report import LayerReport, RankReport
 
 
@@ -46,7 +46,7 @@ def extract(base_model: nn.Module, tuned_model: nn.Module, rank: int | None = No
         delta = after.detach().float() - before.detach().float()
         if not delta.any():
             continue
-        spectrum = dense_svd(delta)
+        spectrum = GramSpectrum.of(delta.double())
         keep = chosen_rank(spectrum, rank, energy)
         norm = float(spectrum.S.pow(2).sum().sqrt())
         report.layers.append(LayerReport(module_name, len(spectrum.S), keep, norm, spectrum.kept_fraction(keep)))

@@ -4,6 +4,11 @@ Everything in lorakit's adapter arithmetic reads adapters through `layer_update`
 narrowest part of a LoRA layer: `lora_adapters[name]` (r, scaling, groups, use_dora), `lora_A[name]` and
 `lora_B[name]`. The SVD of a product B·A (out x k times k x in) never forms the (out, in) matrix: QR of B
 and of Aᵀ leaves a k x k core whose SVD gives the singular values and vectors of B·A exactly.
+
+A dense update (TIES, DARE, a DoRA effective update, extraction) gets `GramSpectrum`: the eigenvalues of its
+Gram matrix on the smaller side give every singular value, and a truncation to k directions projects onto
+the top-k eigenvectors and finishes with a QR and a k x k SVD, about 2-3x less work than a full SVD of the
+(out, in) matrix, for the same best rank-k approximation to round-off (see GramSpectrum).
 """
 
 from __future__ import annotations
@@ -48,30 +53,82 @@ class Spectrum:
 
     def kept_fraction(self, k: int) -> float:
         """Share of ||ΔW||_F² that the top-k directions carry (1.0 for a zero update)."""
-        energy = self.S.pow(2)
-        total = float(energy.sum())
-        return 1.0 if total == 0 else float(energy[:k].sum()) / total
+        return kept_fraction(self.S, k)
 
     def truncated(self, k: int) -> Update:
         """The best rank-k approximation as a balanced pair: B = U·√S, A = √S·Vᵀ (scaling 1)."""
-        root = self.S[:k].sqrt()
-        return Update(self.U[:, :k] * root, root[:, None] * self.V[:, :k].T)
+        return balanced(self.U[:, :k], self.S[:k], self.V[:, :k])
+
+
+@dataclass(frozen=True)
+class GramSpectrum:
+    """Singular values of a dense M (out, in), and its best rank-k approximations, without an SVD of M.
+
+    With X = M (or Mᵀ when out < in) of shape (p, q), q <= p: the float64 eigen decomposition of XᵀX (q x q)
+    gives σ_i² for all i, with an absolute error of about (p + q)·eps64·σ_1² (far below float32 round-off of the
+    result). `truncated(k)` projects X on the top-k eigenvectors V_k and takes the exact SVD of X·V_k by a
+    QR and a k x k SVD (Rayleigh-Ritz), so the stored update is X·V_k·V_kᵀ: at k = q that is X itself, and
+    below it the best rank-k approximation up to the eigenvectors' round-off.
+    """
+
+    M: Tensor
+    S: Tensor  # every singular value, descending
+    V: Tensor  # (q, q) eigenvectors of XᵀX in the same order
+    transposed: bool
+
+    @classmethod
+    def of(cls, M: Tensor) -> GramSpectrum:
+        transposed = M.shape[0] < M.shape[1]
+        X = M.T if transposed else M
+        eigenvalues, vectors = torch.linalg.eigh(X.T @ X)  # ascending
+        return cls(M, eigenvalues.flip(0).clamp_min(0).sqrt(), vectors.flip(1), transposed)
+
+    def kept_fraction(self, k: int) -> float:
+        return kept_fraction(self.S, k)
+
+    def truncated(self, k: int) -> Update:
+        X = self.M.T if self.transposed else self.M
+        V_k = self.V[:, :k]
+        Q, R = torch.linalg.qr(X @ V_k)
+        Ur, S, Vrh = torch.linalg.svd(R)
+        left, right = Q @ Ur, V_k @ Vrh.T  # X·V_k·V_kᵀ = left·diag(S)·rightᵀ
+        return balanced(right, S, left) if self.transposed else balanced(left, S, right)
+
+
+def kept_fraction(S: Tensor, k: int) -> float:
+    """Share of Σ S² in the first k entries (1.0 when all are zero)."""
+    energy = S.pow(2)
+    total = float(energy.sum())
+    return 1.0 if total == 0 else float(energy[:k].sum()) / total
+
+
+def balanced(U: Tensor, S: Tensor, V: Tensor) -> Update:
+    """U·diag(S)·Vᵀ as the pair B = U·√S, A = √S·Vᵀ (scaling 1)."""
+    root = S.sqrt()
+    return Update(U * root, root[:, None] * V.T)
 
 
 def layer_update(layer: LoraLayer, name: str, module: str = "") -> Update:
     """The exact update of adapter `name` on `layer` as factors (fused-part adapters as one block pair).
 
     DoRA's update (g - 1)·W + g·s·B·A rescales the whole weight row by row, so it is not a low-rank
-    product; it is refused here rather than approximated by its s·B·A part.
+    product; it is refused here rather than approximated by its s·B·A part (lorakit.arithmetic.dora
+    handles DoRA where that is exact).
     """
-    spec = layer.lora_adapters[name]
-    if spec.use_dora:
+    if layer.lora_adapters[name].use_dora:
         raise LorakitError(
             f"adapter {name!r} on {module or type(layer).__name__} is DoRA: its update (g - 1)·W + g·s·B·A rescales "
-            "the base weight, which no low-rank pair represents, so adapter arithmetic on it would be inexact. "
-            "Merge it (lk.unload(model, merge=True)) and use lk.extract(base, merged, rank=... or energy=...), "
-            "which reports exactly how much of the update it keeps"
+            "the base weight row by row, which no low-rank pair represents, so this measure of it would be "
+            "inexact. lk.resize and lk.combine take DoRA adapters where the result is exact (see "
+            "docs/analysis.md); otherwise merge it (lk.unload(model, merge=True)) and use lk.extract(base, merged, "
+            "rank=... or energy=...), which reports how much of the update it keeps"
         )
+    return direction_update(layer, name)
+
+
+def direction_update(layer: LoraLayer, name: str) -> Update:
+    """s·B·A of adapter `name` as factors, for a DoRA adapter too (there it is the direction's update)."""
+    spec = layer.lora_adapters[name]
     A = layer.lora_A[name].detach().to(WORK_DTYPE).flatten(1)
     B = layer.lora_B[name].detach().to(WORK_DTYPE).flatten(1)
     if spec.groups is not None:  # loralib MergedLinear: each enabled output part has its own rank-r block
@@ -92,12 +149,13 @@ def factored_svd(update: Update) -> Spectrum:
 
 
 def dense_svd(delta: Tensor) -> Spectrum:
-    """Thin SVD of a dense (out, in) update, for the methods whose result is not a low-rank product."""
+    """Thin SVD of a dense (out, in) update with every singular vector (the analysis' pure functions; arithmetic
+    on dense updates uses GramSpectrum, which needs only the kept ones)."""
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     return Spectrum(U, S, Vh.T)
 
 
-def numerical_rank(spectrum: Spectrum, shape: tuple[int, int]) -> int:
+def numerical_rank(spectrum: Spectrum | GramSpectrum, shape: tuple[int, int]) -> int:
     """Directions above float32 round-off of the largest one (at least 1, so a zero update stays a LoRA pair)."""
     S = spectrum.S
     if not len(S) or float(S[0]) == 0:
@@ -106,7 +164,7 @@ def numerical_rank(spectrum: Spectrum, shape: tuple[int, int]) -> int:
     return max(1, int((S > tolerance).sum()))
 
 
-def chosen_rank(spectrum: Spectrum, rank: int | None, energy: float | None) -> int:
+def chosen_rank(spectrum: Spectrum | GramSpectrum, rank: int | None, energy: float | None) -> int:
     """`rank` (capped by the directions there are), or the fewest directions keeping `energy` of ||ΔW||_F²."""
     available = max(1, len(spectrum.S))
     if rank is not None:
