@@ -10,6 +10,8 @@ TrainResult.seconds, the Trainer's train_runtime), non-padding tokens per second
 held-out accuracy (which of " positive" / " negative" the model ranks higher after each prompt), and
 model-FLOPs utilisation: 4 x non-embedding parameters x tokens/s (forward plus the input-gradient
 backward) over the bf16 matmul peak measured here on the model's own shapes.
+`--sides lorakit lorakit_padded peft_trainer` adds lorakit with packing off (batches padded to their
+longest example, as before packing), to show what packing saves within the same interleaved run.
 Run: python bench/bench_job.py [--rounds 2]      smoke: --steps 2 --batch-size 4 --eval-size 16 --rounds 1
 """
 
@@ -28,7 +30,7 @@ import torch
 from harness import machine, table
 
 TOKENS_FOR_PEAK = 2048  # rows of the matmuls that measure the peak: a demo step's 16 x 40-odd tokens, rounded up
-SIDES = ("lorakit", "peft_trainer")
+SIDES = ("lorakit", "lorakit_padded", "peft_trainer")
 
 
 def matmul_peak_tflops(hidden: int, intermediate: int, repeats: int = 5) -> float:
@@ -56,14 +58,15 @@ def _non_embedding_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in skip)
 
 
-def run_lorakit(args: argparse.Namespace) -> dict:
+def run_lorakit(args: argparse.Namespace, packing: bool = True) -> dict:
     """What `lorakit train` runs, with the demo preset and these overrides."""
     from lorakit.cli import DEMO_PRESET
     from lorakit.train.config_file import job_config
     from lorakit.train.job import run_job
 
     with tempfile.TemporaryDirectory() as out:
-        flags = {"steps": args.steps, "batch_size": args.batch_size, "eval_size": args.eval_size, "out": out}
+        flags = {"steps": args.steps, "batch_size": args.batch_size, "eval_size": args.eval_size, "out": out,
+                 "packing": packing}
         cfg = job_config(DEMO_PRESET, None, {k: v for k, v in flags.items() if v is not None})
         report = run_job(cfg, progress=False, log=lambda message: None)
     return {"seconds": report.train.seconds, "tokens": report.train.tokens, "accuracy": report.after["accuracy"],
@@ -170,6 +173,10 @@ def report(runs: dict[str, list[dict]], peaks: list[float]) -> None:
     print(f"lorakit / PEFT + Trainer: time {ours['seconds'] / theirs['seconds']:.2f}x (target <= 0.5x), peak RSS "
           f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x (target <= 0.6x), accuracy "
           f"{ours['accuracy'] - theirs['accuracy']:+.4f}")
+    if "lorakit_padded" in medians:
+        padded = medians["lorakit_padded"]
+        print(f"lorakit packed / padded: time {ours['seconds'] / padded['seconds']:.2f}x, accuracy "
+              f"{ours['accuracy'] - padded['accuracy']:+.4f}")
 
 
 def main() -> None:
@@ -180,18 +187,23 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="examples per step (default: the demo's 16)")
     parser.add_argument("--eval-size", type=int, default=None, help="held-out sentences (default: all 1,200)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=["lorakit", "peft_trainer"],
+                        help="what to run each round (lorakit and peft_trainer are always compared)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.side:
-        result = (run_lorakit if args.side == "lorakit" else run_peft_trainer)(args)
+        runners = {"lorakit": run_lorakit, "lorakit_padded": lambda a: run_lorakit(a, packing=False),
+                   "peft_trainer": run_peft_trainer}
+        result = runners[args.side](args)
         print(json.dumps(result | {"peak_rss_mb": _peak_rss_mb()}))
         return
-    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    sides = [side for side in SIDES if side in set(args.sides) | {"lorakit", "peft_trainer"}]
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     config = {"hidden": 576, "intermediate": 1536}  # SmolLM2-135M
     peaks = [matmul_peak_tflops(**config)]
     started = time.perf_counter()
     for round_ in range(args.rounds):  # interleaved: a drift in machine speed hits both sides alike
-        for side in SIDES:
+        for side in sides:
             runs[side].append(_child(side, args))
             print(f"  [{round_ + 1}/{args.rounds}] {side}: {runs[side][-1]}", file=sys.stderr, flush=True)
         peaks.append(matmul_peak_tflops(**config))

@@ -155,6 +155,7 @@ def train(
     save_every: Optional[int] = typer.Option(None, help="checkpoint every N steps for --resume"),
     precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16 or fp16"),
     gradient_checkpointing: Optional[bool] = typer.Option(None, help="recompute activations to save memory"),
+    packing: Optional[bool] = typer.Option(None, help="causal LM: examples share rows instead of padding"),
     resume: Optional[bool] = typer.Option(None, "--resume", help="continue the run in --out from its last checkpoint"),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="delete the earlier run in --out first"),
     dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="print the memory estimate and stop"),

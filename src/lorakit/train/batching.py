@@ -1,5 +1,6 @@
-"""Batches: padding rows into tensors (one helper for either side), and a batch order that is a pure function
-of (n_examples, batch_size, seed, epoch), cut into equal shards for distributed processes.
+"""Batches: padding rows into tensors (one helper for either side), packing causal-LM examples into shared
+rows instead of padding each, and a batch order that is a pure function of (n_examples, batch_size, seed,
+epoch), cut into equal shards for distributed processes.
 """
 
 from __future__ import annotations
@@ -57,6 +58,54 @@ def collate(
         batch["labels"] = torch.tensor([example["label"] for example in examples], dtype=torch.long)
     else:
         batch["labels"] = pad_rows([example["labels"] for example in examples], IGNORE_INDEX, padding_side)
+    return batch
+
+
+def pack(examples: Sequence[Mapping[str, Any]], pad_id: int | None, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Causal-LM examples laid end to end in rows of `width` tokens (default: the longest example), so a batch
+    of short and long examples costs about its real tokens instead of rows x longest.
+
+    Rows are filled first-fit in order of decreasing length (ties by position, so the layout is a pure function
+    of the examples). `position_ids` restart at 0 where each example begins, which is how transformers tells
+    the sequences of a row apart and keeps them from attending to each other (train/packing.py checks that a
+    model honours it); the free tail of a row is a run of pad tokens with positions of its own. Every
+    example's first label is IGNORE_INDEX, as position 0 of a row of its own is never predicted, so no
+    target crosses from one example into the next; `attention_mask` is 1 on the examples' tokens only.
+    """
+    if not examples:
+        raise LorakitError("pack got no examples; a batch needs at least one.")
+    if pad_id is None:
+        raise LorakitError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token.")
+    if any("labels" not in example for example in examples):
+        raise LorakitError("pack takes causal-LM examples (input_ids and labels); classification rows are padded.")
+    lengths = [len(example["input_ids"]) for example in examples]
+    width = max(lengths) if width is None else width
+    if max(lengths) > width:
+        raise LorakitError(f"pack: an example of {max(lengths)} tokens does not fit rows of width {width}.")
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(examples)), key=lambda i: (-lengths[i], i)):
+        row = next((r for r, space in enumerate(free) if space >= lengths[i]), len(rows))
+        if row == len(rows):
+            rows.append([])
+            free.append(width)
+        rows[row].append(i)
+        free[row] -= lengths[i]
+    shape = (len(rows), width)
+    batch = {"input_ids": torch.full(shape, pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros(shape, dtype=torch.long),
+             "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.long),
+             "position_ids": torch.zeros(shape, dtype=torch.long)}
+    for r, members in enumerate(rows):
+        start = 0
+        for i in members:
+            end = start + lengths[i]
+            batch["input_ids"][r, start:end] = torch.as_tensor(examples[i]["input_ids"], dtype=torch.long)
+            batch["labels"][r, start + 1 : end] = torch.as_tensor(examples[i]["labels"][1:], dtype=torch.long)
+            batch["attention_mask"][r, start:end] = 1
+            batch["position_ids"][r, start:end] = torch.arange(lengths[i])
+            start = end
+        batch["position_ids"][r, start:] = torch.arange(width - start)
     return batch
 
 

@@ -25,7 +25,8 @@ from . import data, distributed, run_folder, sentiment
 from .evaluate import ChoiceTask, choice_eval, choice_predictions, classification_eval, loss_eval
 from .job_config import JobConfig
 from .loop import Trainer, TrainResult, amp_dtype, autocast
-from .objectives import causal_lm_loss, classification_loss
+from .objectives import classification_loss
+from .packing import train_batching
 from .plots import plot_curves
 
 MAX_CHOICES = 16  # completions drawn from at most this many strings are scored as a choice (accuracy)
@@ -163,7 +164,8 @@ def prepare(cfg: JobConfig, device: torch.device, adapter: str | None = None) ->
     choice = _choice_task(eval_records, tokenizer, fmt, cfg.max_length) if fmt == "prompt_completion" else None
     evaluate = (lambda m: choice_eval(m, choice)) if choice else \
         (lambda m: loss_eval(m, evaluation.examples, collate))
-    return model, tokenizer, Prepared(task, train.examples, collate, causal_lm_loss, evaluate, choice,
+    train_collate, train_loss = train_batching(model, train.examples, pad, cfg.train.packing)
+    return model, tokenizer, Prepared(task, train.examples, train_collate, train_loss, evaluate, choice,
                                       n_eval=len(eval_records))
 
 

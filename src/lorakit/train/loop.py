@@ -28,7 +28,7 @@ from .batching import batch_order, shard
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Settings a resumed run may change: they steer evaluation, saving and speed, not what is learned.
-RESUMABLE_CHANGES = ("eval_every", "save_every", "precision", "gradient_checkpointing")
+RESUMABLE_CHANGES = ("eval_every", "save_every", "precision", "gradient_checkpointing", "packing")
 LossFn = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, int]]
 
 
@@ -50,6 +50,7 @@ class TrainSettings:
     seed: int = 0
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    packing: bool = True  # causal-LM jobs: examples share rows instead of padding (train/packing.py)
 
     def __post_init__(self) -> None:
         """Types and ranges, so a bad value fails here and not steps into a run."""
@@ -67,8 +68,9 @@ class TrainSettings:
         _check_number("warmup_ratio", self.warmup_ratio, low=0, high=1, open_high=True)
         if self.max_grad_norm is not None:
             _check_number("max_grad_norm", self.max_grad_norm, low=0, open_low=True)
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise LorakitError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
+        for name in ("gradient_checkpointing", "packing"):
+            if not isinstance(getattr(self, name), bool):
+                raise LorakitError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.precision not in PRECISIONS:
             raise LorakitError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 

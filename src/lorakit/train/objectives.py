@@ -3,6 +3,8 @@
 Causal-LM batches are left-padded, so every labelled position sits in the last few columns; the model is
 asked for logits of those columns only (`logits_to_keep`), which skips most of the output head when
 the loss is on a short completion. Position ids follow the attention mask so left padding changes nothing.
+Packed batches (batching.pack) carry their own position ids, and the output head runs on the labelled
+positions only, gathered from wherever they sit in the rows.
 """
 
 from __future__ import annotations
@@ -47,6 +49,40 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, 
     return loss, count
 
 
+def packed_causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+    """causal_lm_loss of a packed batch (batching.pack): the same sum over the same targets."""
+    targets = shifted_targets(batch)
+    where = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    count = int(where[0].numel())
+    if count == 0:
+        return batch["input_ids"].new_zeros((), dtype=torch.float32), 0
+    logits = packed_logits(model, batch, where)
+    return F.cross_entropy(logits.float(), targets[where], reduction="sum"), count
+
+
+def packed_logits(model: nn.Module, batch: dict[str, Tensor], where: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Logits of a packed batch: (positions, vocab) at `where` (rows, columns), else (rows, width, vocab).
+
+    No attention mask goes in: transformers finds where each sequence starts from the position ids when the
+    mask is absent, and masks attention block by block (train/packing.py checks a model does). The output
+    head sees the hidden states at `where` only, gathered by a hook, so it costs what the targets need.
+    """
+    kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if accepts(model, "use_cache"):
+        kwargs["use_cache"] = False
+    if where is None:
+        return model(**kwargs).logits
+    output_embeddings = getattr(_unwrap(model), "get_output_embeddings", None)
+    head = output_embeddings() if output_embeddings is not None else None
+    if head is None:
+        return model(**kwargs).logits[where]
+    hook = head.register_forward_pre_hook(lambda module, args: (args[0][where].unsqueeze(0), *args[1:]))
+    try:
+        return model(**kwargs).logits[0]
+    finally:
+        hook.remove()
+
+
 def classification_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), batch["labels"].numel()
@@ -81,6 +117,11 @@ def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
 @torch.no_grad()
 def classification_predictions(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+
+
+def accepts(model: nn.Module, argument: str) -> bool:
+    """Whether the (possibly DDP-wrapped) model's forward takes `argument`."""
+    return argument in _forward_arguments(type(_unwrap(model)))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
