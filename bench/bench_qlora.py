@@ -1,26 +1,31 @@
 """QLoRA training step on a Llama-style model (~110M parameters, random init), each configuration in its
-own process: lorakit LoRA on a 16-bit (bf16) base; lorakit QLoRA (NF4 base, bf16 compute) with the
-compiled dequantize (the default), with the eager one (`_eager`), and with the compiled one plus
-`keep_dequantized` (`_keep`: one dequantize per layer and step instead of two); and PEFT on a
-bitsandbytes NF4 base. Batch 4 x 128, LoRA r=16 on every linear layer, AdamW, 2 threads.
+own process: lorakit LoRA on a 16-bit (bf16) base; lorakit QLoRA (NF4 base, bf16 compute) as it is by
+default, with `keep_dequantized` (`_keep`: one dequantize per layer and step instead of two), and with
+the opt-in compiled dequantize (`_compiled`); and PEFT on a bitsandbytes NF4 base. Batch 4 x 128, LoRA r=16 on every linear layer, AdamW, 2 threads.
 Reports median step time, model memory (parameters + buffers), peak RSS and the compile seconds each
 QLoRA process paid on its first step (Inductor's on-disk cache makes later processes cheaper).
-Run: python bench/bench_qlora.py --rounds 3
+Run: python bench/bench_qlora.py --rounds 3   (quiet machine; one process per configuration)
+     python bench/bench_qlora.py --interleaved --repeats 5   (loaded machine: one process, steps in turn)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import sys
 import time
+from collections.abc import Callable
+from datetime import date
 
 import torch
-from harness import main, table, time_median
+from harness import machine, main, table, time_median
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit as lk
 
-CONFIGS = ["lorakit_lora16", "lorakit_qlora", "lorakit_qlora_eager", "lorakit_qlora_keep", "peft_bnb_qlora"]
+CONFIGS = ["lorakit_lora16", "lorakit_qlora", "lorakit_qlora_keep", "lorakit_qlora_compiled", "peft_bnb_qlora"]
 
 
 def _model() -> LlamaForCausalLM:
@@ -48,7 +53,8 @@ def _bnb_quantize(model: nn.Module, device: torch.device | str = "cpu") -> None:
             setattr(model.get_submodule(parent), child, layer.to(device))
 
 
-def run(config: str, args: argparse.Namespace) -> dict:
+def _build(config: str) -> tuple[nn.Module, Callable[[], None], float | None, int]:
+    """The configuration's model, one training step on it, the quantized layers' byte ratio and dense bytes."""
     model = _model()
     dense_bytes = _model_bytes(model)
     layers = None
@@ -56,7 +62,6 @@ def run(config: str, args: argparse.Namespace) -> dict:
         lk.quantize_model(model, "nf4", compute_dtype=torch.bfloat16)
         report_ = lk.quantization_report(model)
         layers = report_.quantized_bytes / report_.dense_bytes
-        lk.quant.compiled.set_enabled(config != "lorakit_qlora_eager")
     if config == "peft_bnb_qlora":
         import peft
 
@@ -64,8 +69,7 @@ def run(config: str, args: argparse.Namespace) -> dict:
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     else:
         lk.inject(model, lk.LoraConfig(r=16, alpha=32, target_modules="all-linear"))
-    if config == "lorakit_qlora_keep":
-        lk.quant.keep_dequantized(model)
+    model.train()
     ids = torch.randint(0, 16000, (4, 128))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -76,7 +80,19 @@ def run(config: str, args: argparse.Namespace) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    model.train()
+    return model, step, layers, dense_bytes
+
+
+def _set_variant(config: str, model: nn.Module) -> None:
+    """The lorakit QLoRA variants differ only in two switches, set before each step."""
+    if config.startswith("lorakit_qlora"):
+        lk.quant.compiled.set_enabled(config == "lorakit_qlora_compiled")
+        lk.quant.keep_dequantized(model, None if config == "lorakit_qlora_keep" else 0)
+
+
+def run(config: str, args: argparse.Namespace) -> dict:
+    model, step, layers, dense_bytes = _build(config)
+    _set_variant(config, model)
     start = time.perf_counter()
     step()  # the first step pays any compile
     first = time.perf_counter() - start
@@ -85,6 +101,31 @@ def run(config: str, args: argparse.Namespace) -> dict:
     return {"seconds": seconds, "model_mb": _model_bytes(model) / 2**20, "dense_mb": dense_bytes / 2**20,
             "quantized_layers_ratio": layers, "first_step_s": first, "compile_s": compile_s,
             "compile_failed": lk.quant.compiled.failure()}
+
+
+def interleaved(args: argparse.Namespace) -> None:
+    """Every configuration in this one process, one step of each in turn, so a loaded machine's drift hits all
+    alike (no per-configuration memory figures: the models share the process)."""
+    torch.set_num_threads(2)
+    built = {name: _build(name) for name in ("lorakit_lora16", "lorakit_qlora", "peft_bnb_qlora")}
+    setups = {name: built["lorakit_qlora" if name.startswith("lorakit_qlora") else name] for name in CONFIGS}
+    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    for round_ in range(args.repeats + 1):  # round 0: warm-up (and the compile)
+        for name in CONFIGS:
+            model, step = setups[name][:2]
+            _set_variant(name, model)
+            start = time.perf_counter()
+            step()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    print(f"# bench/bench_qlora.py --interleaved on {date.today()} ({machine()}); 1-min load average "
+          f"{os.getloadavg()[0]:.1f} at the end; median of {args.repeats} steps each, taken in turn; "
+          f"compile seconds {lk.quant.compiled.compile_seconds()}")
+    median = {name: statistics.median(t) for name, t in times.items()}
+    table([[name, f"{median[name] * 1000:.0f}", f"{median[name] / median['lorakit_lora16']:.2f}",
+            f"{median[name] / median['peft_bnb_qlora']:.2f}", f"{min(times[name]) * 1000:.0f}-"
+            f"{max(times[name]) * 1000:.0f}"] for name in CONFIGS],
+          ["config", "step ms", "x lora16 step", "x PEFT+bnb step", "range ms"])
 
 
 def report(results: dict[str, dict]) -> None:
@@ -114,7 +155,14 @@ def report(results: dict[str, dict]) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--interleaved", action="store_true", help="all configurations in one process, step by "
+                        "step in turn (for a loaded machine; no memory figures)")
 
 
 if __name__ == "__main__":
-    main(CONFIGS, run, report, add_arguments)
+    if "--interleaved" in sys.argv:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        interleaved(parser.parse_args())
+    else:
+        main(CONFIGS, run, report, add_arguments)

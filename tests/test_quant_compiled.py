@@ -54,7 +54,7 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @pytest.fixture
 def compile_on(monkeypatch):
-    monkeypatch.setattr(compiled, "_enabled", True)  # also where the environment switched it off
+    monkeypatch.setattr(compiled, "_enabled", True)  # opt-in: off by default
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -68,7 +68,11 @@ def test_compiled_dequantize_equals_eager_and_bitsandbytes(compile_on, quant_typ
     ours = _compiled_or_skip(lambda: qt.dequantize(dtype), dtype)
     assert _same_bytes(ours, _eager(lambda: qt.dequantize(dtype)))
     packed, state = BF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type=quant_type)
-    assert _same_bytes(ours, BF.dequantize_4bit(packed, state))
+    theirs = BF.dequantize_4bit(packed, state)
+    # equal values; bytes differ only where FP4's second zero code decodes to -0.0 in bitsandbytes
+    assert torch.equal(ours, theirs)
+    assert not ours[ours.view(torch.uint8).view(-1, ours.element_size()).ne(
+        theirs.view(torch.uint8).view(-1, theirs.element_size())).any(1).view(ours.shape)].any()
 
 
 def test_compiled_linear4bit_step_equals_eager_and_bitsandbytes(compile_on):
@@ -103,7 +107,7 @@ def test_a_failed_compile_falls_back_to_eager_once_with_a_warning(compile_on, mo
     monkeypatch.setattr(compiled, "_failure", None)
     monkeypatch.setattr(compiled, "_compile_seconds", {})
     qt = quantize(torch.randn(256, 512), "nf4")
-    with pytest.warns(RuntimeWarning, match=f"eager kernels are used instead.*{compiled.ENV}=0"):
+    with pytest.warns(RuntimeWarning, match=f"eager kernels are used instead.*Unset {compiled.ENV}"):
         first = qt.dequantize(torch.bfloat16)
     assert compiled.failure() == "RuntimeError: InvalidCxxCompiler: no working C++ compiler found"
     assert not compiled.enabled() and compiled.compile_seconds() == {}
@@ -113,6 +117,7 @@ def test_a_failed_compile_falls_back_to_eager_once_with_a_warning(compile_on, mo
     assert _same_bytes(first, again) and _same_bytes(first, _eager(lambda: qt.dequantize(torch.bfloat16)))
 
 
+@pytest.mark.slow  # a fresh process and a failed compile: about 10 s on a quiet machine, a minute on a busy one
 def test_without_a_cpp_compiler_dequantize_still_works(tmp_path):
     """A real attempt with no compiler (CXX names nothing, empty Inductor cache): warns, then eager results."""
     script = textwrap.dedent("""
@@ -133,14 +138,15 @@ def test_without_a_cpp_compiler_dequantize_still_works(tmp_path):
     assert done.stdout.split()[-3:] == ["True", "True", "1"], done.stdout + done.stderr[-2000:]
 
 
-def test_switched_off_by_environment_and_bad_values_refused():
-    script = "from lorakit.quant import compiled; print(compiled.enabled())"
-    done = subprocess.run([sys.executable, "-c", script], env=os.environ | {compiled.ENV: "0"},
-                          capture_output=True, text=True, timeout=120)
-    assert done.stdout.strip() == "False", done.stderr[-2000:]
-    done = subprocess.run([sys.executable, "-c", script], env=os.environ | {compiled.ENV: "yes"},
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and f"{compiled.ENV}='yes' is not understood" in done.stderr
+def test_switched_on_by_environment_and_bad_values_refused(monkeypatch):
+    monkeypatch.delenv(compiled.ENV, raising=False)
+    assert compiled._enabled_from_env() is False  # opt-in
+    for value, expected in (("0", False), ("1", True), (" 1 ", True)):
+        monkeypatch.setenv(compiled.ENV, value)
+        assert compiled._enabled_from_env() is expected
+    monkeypatch.setenv(compiled.ENV, "yes")
+    with pytest.raises(LorakitError, match=f"{compiled.ENV}='yes' is not understood; set it to 1"):
+        compiled._enabled_from_env()
 
 
 def _count_dequantize(monkeypatch) -> list[int]:

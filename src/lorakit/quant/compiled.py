@@ -8,10 +8,13 @@ weight shape, and cached by torch for the rest of the process (Inductor also cac
 processes mostly skip the C++ compile). Its results are bit-identical to the eager kernels: one float32
 multiply per value, then the same round-to-nearest cast.
 
+Opt-in for now: `set_enabled(True)` or the environment variable LORAKIT_COMPILE_DEQUANTIZE=1. On the
+loaded 2-core host it was measured on (docs/benchmarks.md, issue 16 part 2) the generated kernel was
+2.5-3.5x slower than the eager one (Inductor gathers the 16-entry table through a scalar loop and
+materialises the nibbles in a first kernel), so it stays off until a quiet run shows it ahead.
 When compiling is impossible (no C++ compiler, a Python torch.compile does not support, any compile
 error) the first failure is reported once as a RuntimeWarning and the eager kernels serve the rest of
-the process. `set_enabled(False)` or the environment variable LORAKIT_COMPILE_DEQUANTIZE=0 switches the
-compiled kernel off.
+the process.
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ ENV = "LORAKIT_COMPILE_DEQUANTIZE"
 # Below this many values the eager decode takes microseconds, less than checking a compiled kernel's guards,
 # and a compile would never pay for itself.
 MIN_ELEMENTS = 1 << 16
+DEVICE_TYPES = ("cpu", "cuda")  # where Inductor generates code (C++/OpenMP, Triton); elsewhere eager
 
 
 def _enabled_from_env() -> bool:
-    value = os.environ.get(ENV, "1").strip()
+    value = os.environ.get(ENV, "0").strip()
     if value not in ("0", "1"):
-        raise LorakitError(f"{ENV}={value!r} is not understood; set it to 1 (compiled dequantize, the default) or 0 "
-                           "(eager kernels only)")
+        raise LorakitError(f"{ENV}={value!r} is not understood; set it to 1 (compiled dequantize) or 0 (eager "
+                           "kernels only, the default)")
     return value == "1"
 
 
@@ -48,7 +52,8 @@ _kernel: Callable[..., None] | None = None
 
 
 def set_enabled(enabled: bool) -> None:
-    """Switch the compiled decode on or off for this process (the environment variable sets the start value)."""
+    """Switch the compiled decode on or off for this process (the environment variable sets the start value,
+    off by default)."""
     global _enabled
     _enabled = bool(enabled)
 
@@ -87,10 +92,12 @@ def _compiled_kernel() -> Callable[..., None]:
 
 def decode_blocks(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor, out: torch.Tensor) -> bool:
     """Fill out (nblocks, blocksize) from packed (nblocks, blocksize // 2) uint8 codes and float32 absmax (nblocks,);
-    False (out untouched) where the caller's eager kernel should do it: switched off, too small, failed before,
-    or inside someone else's torch.compile trace (which then traces the eager code)."""
+    False (out untouched) where the caller's eager kernel should do it: switched off, too small, another device
+    (meta, mps, ...), failed before, or inside someone else's torch.compile trace (which then traces the eager
+    code)."""
     global _failure
-    if not enabled() or out.numel() < MIN_ELEMENTS or torch.compiler.is_compiling():
+    if not enabled() or out.numel() < MIN_ELEMENTS or out.device.type not in DEVICE_TYPES \
+            or torch.compiler.is_compiling():
         return False
     key = f"{out.device.type} {str(out.dtype).removeprefix('torch.')} blocksize {out.shape[1]}"
     for tensor in (packed, absmax, out):
@@ -109,7 +116,7 @@ def decode_blocks(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.T
                 lines = str(err).strip().splitlines()
                 _failure = f"{type(err).__name__}: {lines[0] if lines else 'no message'}"
                 warnings.warn(f"lorakit: the compiled 4-bit dequantize is unavailable here ({_failure}); the eager "
-                              f"kernels are used instead (same results, slower). Set {ENV}=0 to skip the attempt.",
+                              f"kernels are used instead (same results). Unset {ENV} to skip the attempt.",
                               RuntimeWarning, stacklevel=3)
                 return False
     _compile_seconds[key] = time.perf_counter() - start
