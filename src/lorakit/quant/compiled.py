@@ -1,12 +1,13 @@
 """The 4-bit decode as one generated kernel: torch.compile (Inductor: C++/OpenMP on CPU, Triton on CUDA) of the
 plain PyTorch definition below, with blockwise.py's eager kernels as the fallback.
 
-The eager decode is several passes (a gather of byte pairs, a scale, a cast to bfloat16); Inductor fuses
-them into one pass that writes the output once. The kernel is compiled on the first call for each
-(device, output dtype, block size), with the number of blocks left symbolic so one kernel serves every
-weight shape, and cached by torch for the rest of the process (Inductor also caches it on disk, so later
-processes mostly skip the C++ compile). Its results are bit-identical to the eager kernels: one float32
-multiply per value, then the same round-to-nearest cast.
+The eager decode is several passes (a gather of byte pairs, a scale, a cast to bfloat16); the hope was
+that Inductor would fuse them into one pass that writes the output once. The kernel is compiled on the
+first call for each (device, output dtype, block size), with the number of blocks marked dynamic so
+weight shapes share it (an output that is a view of a longer buffer compiles once more), and cached by
+torch for the rest of the process (Inductor also caches it on disk, so later processes mostly skip the
+C++ compile). Its results are bit-identical to the eager kernels: one float32 multiply per value, then
+the same round-to-nearest cast.
 
 Opt-in for now: `set_enabled(True)` or the environment variable LORAKIT_COMPILE_DEQUANTIZE=1. On the
 loaded 2-core host it was measured on (docs/benchmarks.md, issue 16 part 2) the generated kernel was
