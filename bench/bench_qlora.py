@@ -1,22 +1,31 @@
 """QLoRA training step on a Llama-style model (~110M parameters, random init), each configuration in its
-own process: lorakit LoRA on a 16-bit (bf16) base, lorakit QLoRA (NF4 base, bf16 compute), and PEFT on a
-bitsandbytes NF4 base. Batch 4 x 128, LoRA r=16 on every linear layer, AdamW, 2 threads.
-Reports median step time, model memory (parameters + buffers) and peak RSS.
-Run: python bench/bench_qlora.py
+own process: lorakit LoRA on a 16-bit (bf16) base; lorakit QLoRA (NF4 base, bf16 compute) as it is by
+default, with `keep_dequantized` (`_keep`: one dequantize per layer and step instead of two), and with
+the opt-in compiled dequantize (`_compiled`); and PEFT on a bitsandbytes NF4 base. Batch 4 x 128, LoRA r=16 on every linear layer, AdamW, 2 threads.
+Reports median step time, model memory (parameters + buffers), peak RSS and the compile seconds each
+QLoRA process paid on its first step (Inductor's on-disk cache makes later processes cheaper).
+Run: python bench/bench_qlora.py --rounds 3   (quiet machine; one process per configuration)
+     python bench/bench_qlora.py --interleaved --repeats 5   (loaded machine: one process, steps in turn)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import date
 
 import torch
-from harness import main, table, time_median
+from harness import machine, main, table, time_median
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit as lk
 
-CONFIGS = ["lorakit_lora16", "lorakit_qlora", "peft_bnb_qlora"]
+CONFIGS = ["lorakit_lora16", "lorakit_qlora", "lorakit_qlora_keep", "lorakit_qlora_compiled", "peft_bnb_qlora"]
 
 
 def _model() -> LlamaForCausalLM:
@@ -44,11 +53,12 @@ def _bnb_quantize(model: nn.Module, device: torch.device | str = "cpu") -> None:
             setattr(model.get_submodule(parent), child, layer.to(device))
 
 
-def run(config: str, args: argparse.Namespace) -> dict:
+def _build(config: str) -> tuple[nn.Module, Callable[[], None], float | None, int]:
+    """The configuration's model, one training step on it, the quantized layers' byte ratio and dense bytes."""
     model = _model()
     dense_bytes = _model_bytes(model)
     layers = None
-    if config == "lorakit_qlora":
+    if config.startswith("lorakit_qlora"):
         lk.quantize_model(model, "nf4", compute_dtype=torch.bfloat16)
         report_ = lk.quantization_report(model)
         layers = report_.quantized_bytes / report_.dense_bytes
@@ -70,9 +80,52 @@ def run(config: str, args: argparse.Namespace) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    seconds = time_median(step, warmup=2, repeats=args.repeats)
+    return model, step, layers, dense_bytes
+
+
+def _set_variant(config: str, model: nn.Module) -> None:
+    """The lorakit QLoRA variants differ only in two switches, set before each step."""
+    if config.startswith("lorakit_qlora"):
+        lk.quant.compiled.set_enabled(config == "lorakit_qlora_compiled")
+        lk.quant.keep_dequantized(model, None if config == "lorakit_qlora_keep" else 0)
+
+
+def run(config: str, args: argparse.Namespace) -> dict:
+    model, step, layers, dense_bytes = _build(config)
+    _set_variant(config, model)
+    start = time.perf_counter()
+    step()  # the first step pays any compile
+    first = time.perf_counter() - start
+    seconds = time_median(step, warmup=1, repeats=args.repeats)
+    compile_s = sum(lk.quant.compiled.compile_seconds().values())
     return {"seconds": seconds, "model_mb": _model_bytes(model) / 2**20, "dense_mb": dense_bytes / 2**20,
-            "quantized_layers_ratio": layers}
+            "quantized_layers_ratio": layers, "first_step_s": first, "compile_s": compile_s,
+            "compile_failed": lk.quant.compiled.failure()}
+
+
+def interleaved(args: argparse.Namespace) -> None:
+    """Every configuration in this one process, one step of each in turn, so a loaded machine's drift hits all
+    alike (no per-configuration memory figures: the models share the process)."""
+    torch.set_num_threads(2)
+    built = {name: _build(name) for name in ("lorakit_lora16", "lorakit_qlora", "peft_bnb_qlora")}
+    setups = {name: built["lorakit_qlora" if name.startswith("lorakit_qlora") else name] for name in CONFIGS}
+    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    for round_ in range(args.repeats + 1):  # round 0: warm-up (and the compile)
+        for name in CONFIGS:
+            model, step = setups[name][:2]
+            _set_variant(name, model)
+            start = time.perf_counter()
+            step()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    print(f"# bench/bench_qlora.py --interleaved on {date.today()} ({machine()}); 1-min load average "
+          f"{os.getloadavg()[0]:.1f} at the end; median of {args.repeats} steps each, taken in turn; "
+          f"compile seconds {lk.quant.compiled.compile_seconds()}")
+    median = {name: statistics.median(t) for name, t in times.items()}
+    table([[name, f"{median[name] * 1000:.0f}", f"{median[name] / median['lorakit_lora16']:.2f}",
+            f"{median[name] / median['peft_bnb_qlora']:.2f}", f"{min(times[name]) * 1000:.0f}-"
+            f"{max(times[name]) * 1000:.0f}"] for name in CONFIGS],
+          ["config", "step ms", "x lora16 step", "x PEFT+bnb step", "range ms"])
 
 
 def report(results: dict[str, dict]) -> None:
@@ -84,12 +137,16 @@ def report(results: dict[str, dict]) -> None:
             rows.append([name, f"{r['seconds'] * 1000:.0f}",
                          f"{r['seconds'] / base['seconds']:.2f}" if base else "-",
                          f"{r['model_mb']:.0f}", f"{r['model_mb'] / base['model_mb']:.2f}" if base else "-",
-                         f"{r['peak_rss_mb']:,.0f}"])
+                         f"{r['peak_rss_mb']:,.0f}", f"{r['first_step_s']:.1f}", f"{r['compile_s']:.1f}"])
     print("\nQLoRA training step (Llama-style ~110M, bf16 compute, 4 x 128, r=16 all-linear, AdamW)")
-    table(rows, ["config", "step ms", "x lora16 step", "model MB", "x lora16 model", "peak RSS MB"])
-    if "lorakit_qlora" in results and "peft_bnb_qlora" in results:
-        ratio = results["lorakit_qlora"]["seconds"] / results["peft_bnb_qlora"]["seconds"]
-        print(f"lorakit QLoRA / PEFT+bitsandbytes QLoRA step: {ratio:.2f}")
+    table(rows, ["config", "step ms", "x lora16 step", "model MB", "x lora16 model", "peak RSS MB", "first step s",
+                 "compile s"])
+    for name in CONFIGS[1:4]:
+        if name in results and "peft_bnb_qlora" in results:
+            ratio = results[name]["seconds"] / results["peft_bnb_qlora"]["seconds"]
+            print(f"{name} / PEFT+bitsandbytes QLoRA step: {ratio:.2f}")
+        if results.get(name, {}).get("compile_failed"):
+            print(f"{name}: compile failed, eager kernels used ({results[name]['compile_failed']})")
     if results.get("lorakit_qlora", {}).get("quantized_layers_ratio"):
         ratio = results["lorakit_qlora"]["quantized_layers_ratio"]
         print(f"quantized linear layers: {ratio:.3f}x their bf16 bytes ({16 * ratio:.2f} bits per parameter); "
@@ -98,7 +155,14 @@ def report(results: dict[str, dict]) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--interleaved", action="store_true", help="all configurations in one process, step by "
+                        "step in turn (for a loaded machine; no memory figures)")
 
 
 if __name__ == "__main__":
-    main(CONFIGS, run, report, add_arguments)
+    if "--interleaved" in sys.argv:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        interleaved(parser.parse_args())
+    else:
+        main(CONFIGS, run, report, add_arguments)

@@ -2,10 +2,12 @@
 
 Times quantize and dequantize of a 4096x4096 weight (float32 and bfloat16) and a 4-bit linear layer
 (4096 -> 4096, bfloat16 compute, input 8 x 128 x 4096): inference forward (eval, no_grad), training
-forward (input requires grad) and forward + backward. Each row alternates the two libraries call by call
+forward (input requires grad) and forward + backward. Each row alternates the libraries call by call
 so both see the same machine load; it prints median milliseconds after warm-up and the ratio
-lorakit / bitsandbytes (below 1: lorakit is faster), plus whether the results agree. lorakit puts large
-dequantized outputs on transparent huge pages; --no-huge-pages shows the decode without that.
+lorakit / bitsandbytes (below 1: lorakit is faster), plus whether the results agree. lorakit's
+dequantize runs its default (eager) kernels and, in the "compiled" rows, alternated in the same loop,
+the opt-in kernel torch.compile generates (quant/compiled.py; the header gives its compile seconds). lorakit puts large dequantized outputs
+on transparent huge pages; --no-huge-pages shows the decode without that.
 Run: python bench/bench_quant.py [--no-huge-pages]   (about 1-2 minutes)
 """
 
@@ -24,20 +26,36 @@ import torch
 from harness import machine, table
 from torch import nn
 
-from lorakit.quant import Linear4bit, pages, quantize
+from lorakit.quant import Linear4bit, compiled, pages, quantize
 
 
-def _paired_medians(ours, theirs, warmup: int, repeats: int) -> tuple[float, float]:
+def _medians(fns, warmup: int, repeats: int) -> list[float]:
+    """Median milliseconds of each function, called in turn so all see the same machine load."""
     for _ in range(warmup):
-        ours()
-        theirs()
-    times: tuple[list[float], list[float]] = ([], [])
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, bucket in ((ours, times[0]), (theirs, times[1])):
+        for fn, bucket in zip(fns, times):
             start = time.perf_counter()
             fn()
             bucket.append(time.perf_counter() - start)
-    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
+    return [statistics.median(t) * 1e3 for t in times]
+
+
+def _paired_medians(ours, theirs, warmup: int, repeats: int) -> tuple[float, float]:
+    return tuple(_medians([ours, theirs], warmup, repeats))
+
+
+def _compiled(fn):
+    """fn with the opt-in compiled dequantize switched on while it runs."""
+    def run():
+        compiled.set_enabled(True)
+        try:
+            return fn()
+        finally:
+            compiled.set_enabled(False)
+    return run
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> str:
@@ -64,9 +82,13 @@ def tensor_rows(args) -> list[list[str]]:
         same = "identical" if torch.equal(qt.packed, packed.view(-1)) and torch.equal(qt.absmax, state.absmax) \
             else "DIFFERENT"
         rows.append([f"quantize {name}", *_paired_medians(ours, theirs, args.warmup, args.repeats), same])
-        same = _same(qt.dequantize(), BF.dequantize_4bit(packed, state))
-        rows.append([f"dequantize -> {name}", *_paired_medians(qt.dequantize, lambda: BF.dequantize_4bit(packed, state),
-                                                                args.warmup, args.repeats), same])
+        theirs_ref = BF.dequantize_4bit(packed, state)
+        same, same_compiled = _same(qt.dequantize(), theirs_ref), _same(_compiled(qt.dequantize)(), theirs_ref)
+        theirs_dequantize = lambda: BF.dequantize_4bit(packed, state)  # noqa: E731
+        eager, fast, bnb_ms = _medians([qt.dequantize, _compiled(qt.dequantize), theirs_dequantize], args.warmup,
+                                       args.repeats)
+        rows.append([f"dequantize -> {name}", eager, bnb_ms, same])
+        rows.append([f"dequantize -> {name}, compiled", fast, bnb_ms, same_compiled])
     return rows
 
 
@@ -110,10 +132,12 @@ def linear_rows(args) -> list[list[str]]:
                  *_paired_medians(lambda: train_forward(ours), lambda: train_forward(theirs_training),
                                   args.warmup, args.repeats),
                  _same(reference, train_forward(theirs_training).detach())])
-    rows.append(["linear forward + backward, train",
-                 *_paired_medians(lambda: train_step(ours), lambda: train_step(theirs_training), args.warmup,
-                                  args.repeats),
-                 _same(train_step(ours).clone(), train_step(theirs_training).clone())])
+    eager, fast, bnb_ms = _medians([lambda: train_step(ours), _compiled(lambda: train_step(ours)),
+                                    lambda: train_step(theirs_training)], args.warmup, args.repeats)
+    same = _same(train_step(ours).clone(), train_step(theirs_training).clone())
+    rows.append(["linear forward + backward, train", eager, bnb_ms, same])
+    rows.append(["linear forward + backward, train, compiled", fast, bnb_ms,
+                 _same(_compiled(lambda: train_step(ours))().clone(), train_step(theirs_training).clone())])
     return rows
 
 
@@ -147,6 +171,9 @@ def main() -> None:
           f"{', not used' if args.no_huge_pages else ''})")
     print(f"# NF4, blocksize 64, double quantization; weight {args.size}x{args.size}; linear input "
           f"{args.batch}x{args.seq}x{args.size} bf16; median of {args.repeats} after {args.warmup} warm-up calls")
+    seconds = ", ".join(f"{key}: {s:.1f} s" for key, s in compiled.compile_seconds().items())
+    print(f"# compiled dequantize: {'failed, eager used: ' + compiled.failure() if compiled.failure() else seconds} "
+          "(first call of each kernel in this process; Inductor's disk cache may have held it from an earlier one)")
     table([[op, f"{a:.1f}", f"{b:.1f}", f"{a / b:.2f}", same] for op, a, b, same in rows],
           ["operation", "lorakit ms", "bitsandbytes ms", "lorakit / bnb", "results"])
 

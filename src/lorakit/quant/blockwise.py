@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LorakitError
-from . import pages
+from . import compiled, pages
 from .codes import CELLS_PER_UNIT, LUT8_SIZE, NESTED_BLOCKSIZE, lut8, pair_table, rounding_tables
 from .steps import blocks_per_step, run_steps
 
@@ -80,14 +80,18 @@ def quantize_4bit(flat: torch.Tensor, quant_type: str, blocksize: int) -> tuple[
 def dequantize_4bit(
     packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor, blocksize: int, n: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Flat tensor of `n` values: quant_map[code] * absmax[block], computed in float32, then cast to `dtype`."""
+    """Flat tensor of `n` values: quant_map[code] * absmax[block], computed in float32, then cast to `dtype`.
+
+    Whole blocks go through the compiled kernel where it is available (compiled.py), else the eager one.
+    """
     pairs = pair_table(quant_map)
     out = pages.empty(n, dtype, packed.device)
     nfull = n // blocksize
     full = nfull * blocksize
     if nfull:
-        _decode_blocks(packed[: full // 2].view(nfull, blocksize // 2), absmax[:nfull, None], pairs,
-                       out[:full].view(nfull, blocksize))
+        codes, target = packed[: full // 2].view(nfull, blocksize // 2), out[:full].view(nfull, blocksize)
+        if not compiled.decode_blocks(codes, absmax[:nfull], quant_map, target):
+            _decode_blocks(codes, absmax[:nfull, None], pairs, target)
     if full < n:
         index = packed[full // 2 :].to(torch.int32)
         values = torch.index_select(pairs, 0, index).view(torch.float32)[: n - full]

@@ -55,19 +55,21 @@ def _linear_not_a_view(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 class _DequantLinear(torch.autograd.Function):
-    """x @ W.T + b where W is rebuilt from its 4-bit codes in forward and again in backward.
+    """x @ W.T + b where W is rebuilt from its 4-bit codes in forward and, by default, again in backward.
 
-    Only the quantized tensors are saved, so no dense copy of W outlives the step that needed it,
-    and W never receives a gradient.
+    By default only the quantized tensors are saved, so no dense copy of W outlives the step that
+    needed it. With `keep` (Linear4bit.keep_dequantized) the forward's dense W is saved for the backward
+    instead, trading its memory until then for one dequantize less. W never receives a gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, bias, layout, packed, absmax, quant_map, nested_absmax, nested_quant_map):
+    def forward(ctx, x, bias, layout, keep, packed, absmax, quant_map, nested_absmax, nested_quant_map):
         ctx.layout = layout
-        ctx.save_for_backward(packed, absmax, quant_map, nested_absmax, nested_quant_map)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype  # as F.linear
         weight = layout.build(packed, absmax, quant_map, nested_absmax, nested_quant_map).dequantize(dtype)
+        kept = weight if keep and ctx.needs_input_grad[0] else None
+        ctx.save_for_backward(kept, packed, absmax, quant_map, nested_absmax, nested_quant_map)
         return _linear_not_a_view(x.to(dtype), weight, None if bias is None else bias.to(dtype))
 
     @staticmethod
@@ -75,22 +77,27 @@ class _DequantLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = ctx.layout.build(*ctx.saved_tensors).dequantize(grad_out.dtype)
+            kept, *quantized = ctx.saved_tensors
+            weight = kept if kept is not None and kept.dtype == grad_out.dtype else \
+                ctx.layout.build(*quantized).dequantize(grad_out.dtype)
             grad_x = grad_out @ weight
         if ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_bias, None, None, None, None, None, None
+        return grad_x, grad_bias, None, None, None, None, None, None, None
 
 
 class Linear4bit(nn.Module):
     """A linear layer whose weight is stored as 4-bit NF4/FP4 codes (QLoRA's frozen base).
 
     The input is cast to `compute_dtype` and the output is in `compute_dtype`. The weight is dequantized
-    inside each forward and backward and dropped right after; it never gets a gradient. The state dict
-    is bitsandbytes' (`weight`, `weight.absmax`, `weight.quant_map`, `weight.nested_absmax`,
+    inside each forward and backward and dropped right after (or, with `keep_dequantized`, kept from the
+    forward for the backward: quant/keep.py); it never gets a gradient. The state dict is bitsandbytes'
+    (`weight`, `weight.absmax`, `weight.quant_map`, `weight.nested_absmax`,
     `weight.nested_quant_map`, `weight.quant_state.bitsandbytes__nf4`, `bias`), so checkpoints move
     between lorakit and bitsandbytes unchanged.
     """
+
+    keep_dequantized: bool = False  # save the forward's dense weight for the backward (more memory, less time)
 
     def __init__(
         self,
@@ -187,7 +194,8 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return _DequantLinear.apply(x, bias, self._layout(), *(getattr(self, name) for name in _TENSORS))
+        return _DequantLinear.apply(x, bias, self._layout(), self.keep_dequantized,
+                                    *(getattr(self, name) for name in _TENSORS))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
