@@ -7,8 +7,12 @@ computes g·W once and adds s·(g·B)·A into it in place (addmm_), one pass and
 layer, and one autograd node fewer. Its forward is exactly today's: the base addmm, then the rank-r
 intermediate and addmm_ of the term into the output, which stays contiguous.
 
-Storing A beside W (one (out + r, in) buffer, so x·[W; A]ᵀ yields base output and intermediate in one
-GEMM) was measured and not adopted: see docs/benchmarks.md, part 5.
+A is not stored beside W in one (out + r, in) buffer (x·[W; A]ᵀ giving base output and intermediate in
+one GEMM), the way fused GPU kernels do it: with BLAS calls the shared GEMM writes [y | h] side by side,
+so y comes back strided (a copy, or a changed output layout for the caller), the one-GEMM input gradient
+needs g copied beside s·g·B (the pass it was to save), GPT-2's (in, out) Conv1D weight would itself become
+a strided view, and every `.to()`, `load_state_dict(assign=True)` or bfloat16 base with float32 adapters
+breaks the alias. What it could save is the (N x r) product x·Aᵀ; see docs/benchmarks.md, part 5.
 """
 
 from __future__ import annotations
