@@ -25,7 +25,7 @@ from .variant import Variant
 
 LORA_ATTRIBUTES = (
     "lora_adapters", "lora_variants", "lora_active", "lora_merged", "lora_live", "lora_disabled",
-    "lora_merge_on_eval", "lora_routes", "lora_merge_state", "lora_cache", "lora_inplace",
+    "lora_merge_on_eval", "lora_routes", "lora_merge_state", "lora_cache", "lora_inplace", "lora_fused",
 )
 LORA_PARAMETER_DICTS = ("lora_A", "lora_B")
 
@@ -62,6 +62,7 @@ class LoraLayer:
     lora_merge_blocker: ClassVar[str | None] = None  # why this kind cannot merge in place, if it cannot
     lora_is_linear: ClassVar[bool] = False  # a dense projection: output rows are the weight's rows
     lora_inplace_kind: ClassVar[bool] = False  # a base whose output the adapter may update in place
+    lora_fusable_kind: ClassVar[bool] = False  # a base whose forward `lora_fused_forward` computes with an adapter
 
     lora_A: nn.ParameterDict
     lora_B: nn.ParameterDict  # plus one ParameterDict per variant extra (e.g. DoRA's lora_magnitude)
@@ -73,6 +74,7 @@ class LoraLayer:
     lora_merged: tuple[str, ...]
     lora_live: tuple[str, ...]
     lora_inplace: bool  # every live adapter can take its variant's in-place path (inplace_autograd.py)
+    lora_fused: str | None  # the one live adapter the fused step computes with the base (fused_linear.py)
     lora_disabled: bool
     lora_merge_on_eval: bool
     lora_routes: routing.RoutePlan | None  # per-row adapters inside an lk.route block
@@ -105,6 +107,11 @@ class LoraLayer:
     def lora_out_features(self) -> int:
         raise NotImplementedError
 
+    def lora_fused_forward(self, x: Tensor, name: str) -> Tensor | None:
+        """Base output plus adapter `name`'s term in one fused function (kinds with `lora_fusable_kind`),
+        or None when this call cannot take it (dropout in training, dtypes the unfused path would mix)."""
+        return None
+
     # ---- set-up -----------------------------------------------------------------------------------
     def lora_setup(self, merge_on_eval: bool = False) -> None:
         """Give a freshly swapped (or constructed) module empty adapter state."""
@@ -118,6 +125,7 @@ class LoraLayer:
         self.lora_merged = ()
         self.lora_live = ()
         self.lora_inplace = False
+        self.lora_fused = None
         self.lora_disabled = False
         self.lora_merge_on_eval = merge_on_eval
         self.lora_routes = None
@@ -186,9 +194,16 @@ class LoraLayer:
         kinds = [(self.lora_variants[n], self.lora_adapters[n]) for n in live]
         alone_ok = len(live) == 1 or not any(kind.inplace_alone for kind, _ in kinds)
         self.lora_inplace = self.lora_inplace_kind and alone_ok and all(kind.can_inplace(s) for kind, s in kinds)
+        fused = (len(kinds) == 1 and self.lora_fusable_kind and self.lora_inplace_kind
+                 and kinds[0][0].can_fuse(kinds[0][1]))
+        self.lora_fused = live[0] if fused else None
 
     # ---- forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.lora_fused is not None and self.lora_routes is None and not args and not kwargs:
+            fused = self.lora_fused_forward(x, self.lora_fused)
+            if fused is not None:
+                return fused
         base = out = self.lora_base_forward(x, *args, **kwargs)
         if self.lora_routes is not None and not self.lora_disabled:
             return self._lora_routed(x, out)

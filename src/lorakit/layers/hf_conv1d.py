@@ -12,3 +12,4 @@ class Conv1D(LinearKind, HFConv1D):
 
     lora_base_class = HFConv1D
     fan_in_fan_out = True
+    lora_fusable_kind = True

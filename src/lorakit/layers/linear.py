@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import LorakitError
+from . import fused_linear
 from .core import AdapterSpec, LoraLayer
 from .loralib_style import LoralibAttributes, use_loralib_keys
 
@@ -45,6 +47,23 @@ class LinearKind(LoraLayer):
     def lora_dense_weight(self) -> Tensor:
         return self.weight.T if self.fan_in_fan_out else self.weight
 
+    def lora_fused_forward(self, x: Tensor, name: str) -> Tensor | None:
+        """The base projection and plain adapter `name` in one function (fused_linear.py), in the dtype the
+        unfused path computes in: autocast's, or the one dtype input, weight and adapter share."""
+        spec, A, B, weight = self.lora_adapters[name], self.lora_A[name], self.lora_B[name], self.weight
+        if (spec.dropout and self.training) or not x.is_floating_point():
+            return None  # dropout takes the unfused path
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            if torch.float64 in (x.dtype, weight.dtype):
+                return None  # autocast leaves float64 alone, and so does F.linear; the unfused path matches it
+            dtype = torch.get_autocast_dtype(device)
+        elif x.dtype == weight.dtype == A.dtype == B.dtype:
+            dtype = weight.dtype
+        else:
+            return None
+        return fused_linear.lora_linear(x, weight, self.bias, A, B, spec.scaling, self.fan_in_fan_out, dtype)
+
 
 class Linear(LoralibAttributes, LinearKind, nn.Linear):
     """nn.Linear with adapters; also loralib's `lora.Linear` when constructed directly.
@@ -54,6 +73,7 @@ class Linear(LoralibAttributes, LinearKind, nn.Linear):
     """
 
     lora_base_class = nn.Linear
+    lora_fusable_kind = True
 
     def __init__(
         self,

@@ -24,6 +24,9 @@ class PlainLora(Variant):
     def can_inplace(self, spec: AdapterSpec) -> bool:
         return spec.groups is None  # fused parts expand per part, which only the general path does
 
+    def can_fuse(self, spec: AdapterSpec) -> bool:
+        return spec.groups is None
+
     def add_inplace_(self, layer: LoraLayer, name: str, out: Tensor, x: Tensor, base: Tensor) -> Tensor:
         spec = layer.lora_adapters[name]
         dropout = spec.dropout if layer.training else 0.0

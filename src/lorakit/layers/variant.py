@@ -70,6 +70,10 @@ class Variant:
         """Whether `add_inplace_` applies to such an adapter on a kind that allows in-place updates."""
         return False
 
+    def can_fuse(self, spec: AdapterSpec) -> bool:
+        """Whether the base kind's fused step (base and plain term s·B·A·x in one function) computes such an adapter."""
+        return False
+
     def add_inplace_(self, layer: LoraLayer, name: str, out: Tensor, x: Tensor, base: Tensor) -> Tensor:
         """out (the base output, contiguous, written in place) plus this adapter's term; returns out."""
         return out + layer.lora_term(x, name, base).to(out.dtype)
