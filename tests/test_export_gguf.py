@@ -214,39 +214,6 @@ def test_merge_default_to_gguf_matches_its_source_layout(tmp_path):
     np.testing.assert_array_equal(q.data.reshape(576, 576), want.numpy())
 
 
-@pytest.mark.slow
-def test_llama_cpp_applies_the_adapter_as_lorakit(tmp_path):
-    """llama.cpp itself (llama-cpp-python, when installed): base + adapter logits equal lorakit's unmerged model."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    from lorakit.assets import default_model_path
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=128)
-    base = LlamaForCausalLM(config).eval()
-    merged_to_gguf(base, tmp_path / "base.gguf", default_model_path())  # the default's tokenizer (llama.cpp needs one)
-    model = lk.inject(copy.deepcopy(base), lk.LoraConfig(**PATTERNS))
-    randomize_adapters(model, std=0.05)
-    lk.save(model, tmp_path / "adapter")
-    to_gguf(tmp_path / "adapter", tmp_path / "adapter.gguf", base=base)
-    ids = [1, 504, 3458, 314, 253, 1789, 28, 2]
-    with torch.no_grad():
-        want_base, want = (m(torch.tensor([ids])).logits[0].numpy() for m in (base, model))
-
-    def llama_logits(**lora) -> np.ndarray:
-        llm = llama_cpp.Llama(model_path=str(tmp_path / "base.gguf"), n_ctx=64, logits_all=True, verbose=False,
-                              n_threads=2, **lora)
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)])
-
-    got_base = llama_logits()
-    got = llama_logits(lora_path=str(tmp_path / "adapter.gguf"))
-    np.testing.assert_allclose(got_base, want_base, atol=1e-3, rtol=0)
-    np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
-    assert np.abs(want - want_base).max() > 1e-2  # the adapter does change the output
-
-
 def test_adapter_gguf_from_a_model_equals_from_its_folder(tmp_path):
     base, model, folder = _adapted(tmp_path, target_modules=["embed_tokens", "v_proj"], rank_pattern={"v_proj": 2})
     from_model = _tensors(to_gguf(model, tmp_path / "a.gguf").out)
