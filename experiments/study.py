@@ -36,11 +36,13 @@ class Study:
     model: str = "default"
     data: str = "default"  # "default" (the embedded sentences) or a prompt/completion .jsonl
     eval_data: str | None = None  # the held-out rows when `data` is a file
-    steps: int = 60
+    # 30 steps of 16 (half the demo's 60) keep the whole study, 3 seeds of every configuration plus the
+    # sweeps, near 2 hours on 2 CPU cores; docs/experiments.md shows whether the loss had flattened.
+    steps: int = 30
     batch_size: int = 16
     seeds: tuple[int, ...] = (0, 1, 2)
-    val_size: int = 400  # validation rows carved from the training rows for the lr sweep
-    sweep_evals: int = 3  # validation accuracy this many times during each sweep run (the curves)
+    val_size: int = 300  # validation rows carved from the training rows for the lr sweep
+    sweep_evals: int = 2  # validation accuracy this many times during each sweep run (the curves)
     precision: str = "auto"
     results: Path = HERE / "results"
     runs: Path = HERE / "runs"
