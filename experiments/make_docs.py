@@ -112,7 +112,7 @@ def cost_lines(results: Results) -> list[str]:
     rows, total, loads = [], 0.0, []
     groups = [("lr sweep", [r for points in results.sweep.values() for r in points.values()]),
               ("zero-shot", [results.zero_shot] if results.zero_shot else []),
-              ("memory estimates", [results.estimates_run] if results.estimates_run else [])]
+              ("memory estimates", results.estimates)]
     for label, runs in groups:
         if runs:
             seconds = sum(r["wall_seconds"] for r in runs)
@@ -197,7 +197,7 @@ def _peaks(results: Results, name: str) -> list[float]:
 
 
 def table1(results: Results) -> list[str]:
-    estimates = {(e["request"]["config"], e["request"]["seq_len"]): e["total"] for e in results.estimates}
+    estimates = {(e["spec"]["request"]["config"], e["spec"]["request"]["seq_len"]): e["total"] for e in results.estimates}
     lines = ["### Table 1: methods", "",
              f"Time per step: `experiments/time_steps.py` (median of {time_steps.TIMED} steps after "
              f"{time_steps.WARMUP} warm-up, one process per method), with the 1-minute load average it started "
@@ -251,7 +251,7 @@ def table3(results: Results) -> list[str]:
 
 
 def table4(results: Results) -> list[str]:
-    estimates = {(e["request"]["config"], e["request"]["seq_len"]): e for e in results.estimates}
+    estimates = {(e["spec"]["request"]["config"], e["spec"]["request"]["seq_len"]): e for e in results.estimates}
     lines = ["### Table 4: memory", "",
              f"Batch {results.settings['batch_size']} rows of exactly L tokens (longer synthetic rows truncated by the job), "
              f"{memory.STEPS} steps, then one evaluation batch of {memory.EVAL_ROWS} prompts. Formula: weights + "

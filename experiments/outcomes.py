@@ -20,12 +20,8 @@ class Results:
     memory: dict[str, list[dict]] = field(default_factory=dict)  # "<config>-len<L>" -> one result per seed
     times: dict[str, dict] = field(default_factory=dict)  # configuration -> time_steps result
     zero_shot: dict | None = None
-    estimates_run: dict | None = None
+    estimates: list[dict] = field(default_factory=list)  # one per (configuration, tokens): spec.request, total
     settings: dict[str, Any] = field(default_factory=dict)  # the study's settings (Study.describe)
-
-    @property
-    def estimates(self) -> list[dict]:
-        return self.estimates_run["estimates"] if self.estimates_run else []
 
 
 def load(folder: Path) -> Results:
@@ -42,8 +38,7 @@ def load(folder: Path) -> Results:
         found.times[path.stem] = read(path)
     if (folder / "zero-shot" / "result.json").is_file():
         found.zero_shot = read(folder / "zero-shot" / "result.json")
-    if (folder / "estimates" / "result.json").is_file():
-        found.estimates_run = read(folder / "estimates" / "result.json")
+    found.estimates = [read(path) for path in sorted(folder.glob("estimates/*.json"))]
     found.settings = _one_study(found)
     return found
 
@@ -51,7 +46,7 @@ def load(folder: Path) -> Results:
 def _one_study(found: Results) -> dict[str, Any]:
     """The study settings every result was made with (the defaults when there is none); mixed ones are refused."""
     every = [*(r for runs in found.runs.values() for r in runs), *(r for p in found.sweep.values() for r in p.values()),
-             *(r for runs in found.memory.values() for r in runs), *(r for r in (found.zero_shot, found.estimates_run) if r)]
+             *(r for runs in found.memory.values() for r in runs), *found.estimates, *([found.zero_shot] if found.zero_shot else [])]
     seen = {json.dumps(r["spec"]["study"], sort_keys=True) for r in every}
     if len(seen) > 1:
         raise SystemExit(f"the results were made with different study settings: {sorted(seen)}; keep one set")

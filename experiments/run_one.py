@@ -50,17 +50,15 @@ def zero_shot(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def estimate(spec: dict[str, Any]) -> dict[str, Any]:
-    """lorakit's memory estimate of each requested (method, r, target, seq_len), in bytes by component."""
+    """lorakit's memory estimate of one (method, r, target, seq_len), in bytes by component."""
     from dataclasses import asdict
 
     from lorakit.train.estimate import estimate as estimate_memory
 
-    out = []
-    for request in spec["requests"]:
-        found = estimate_memory(spec["model"], request["method"], request.get("r", 8), request.get("target"),
-                                spec["batch_size"], request["seq_len"], spec["precision"])
-        out.append({"request": request, "estimate": asdict(found), "total": found.total})
-    return {"estimates": out}
+    request = spec["request"]
+    found = estimate_memory(spec["model"], request["method"], request.get("r", 8), request.get("target"),
+                            spec["batch_size"], request["seq_len"], spec["precision"])
+    return {"estimate": asdict(found), "total": found.total}
 
 
 def time_steps(spec: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ layer, DoRA, PiSSA, QLoRA and rsLoRA, each at the learning rate its own sweep pi
 from __future__ import annotations
 
 import study
-from table4_memory import estimates
+from table4_memory import TABLE1_SEQ_LEN, estimates
 
 
 def zero_shot(s: study.Study) -> dict:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     s = study.study_from(args)
     configs = study.selected(study.METHODS, args.only)
     zero_shot(s)
-    estimates(s)
+    estimates(s, [(c, TABLE1_SEQ_LEN) for c in configs])
     study.run_table(s, configs)
 
 

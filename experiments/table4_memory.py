@@ -32,18 +32,16 @@ def estimate_request(config: study.Config, seq_len: int) -> dict | None:
             "seq_len": seq_len}
 
 
-def estimates(s: study.Study) -> dict:
-    """The estimates of Table 1 (at TABLE1_SEQ_LEN) and Table 4 (at every SEQ_LENS), in one process."""
-    wanted = [(c, TABLE1_SEQ_LEN) for c in study.METHODS] + [(c, n) for c in CONFIGS for n in SEQ_LENS]
-    requests = []
+def estimates(s: study.Study, wanted: list[tuple[study.Config, int]]) -> None:
+    """lorakit's estimate of each (configuration, tokens) it models, one small process and JSON file each."""
     for config, seq_len in wanted:
         request = estimate_request(config, seq_len)
-        if request is not None and request not in requests:
-            requests.append(request)
-    spec = {"kind": "estimate", "study": s.describe(), "model": s.model, "batch_size": s.batch_size,
-            "precision": s.precision, "requests": requests}
-    print("memory estimates", flush=True)
-    return study.run_child(spec, s.results / "estimates" / "result.json")
+        if request is None:
+            continue
+        spec = {"kind": "estimate", "study": s.describe(), "model": s.model, "batch_size": s.batch_size,
+                "precision": s.precision, "request": request}
+        print(f"memory estimate {config.name} at {seq_len} tokens", flush=True)
+        study.run_child(spec, s.results / "estimates" / f"{config.name}-len{seq_len}.json")
 
 
 def synthetic_data(s: study.Study, seq_len: int) -> tuple[str, str]:
@@ -78,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     args = study.parser(__doc__).parse_args(argv)
     s = study.study_from(args)
     configs = study.selected(CONFIGS, args.only)
-    estimates(s)
+    estimates(s, [(c, n) for c in configs for n in SEQ_LENS])
     for seed in s.seeds:
         for config in configs:
             for seq_len in SEQ_LENS:

@@ -56,8 +56,8 @@ def test_every_table_runs_end_to_end_on_a_tiny_model(tiny_model, tmp_path, monke
     for seq_len in table4_memory.SEQ_LENS:
         probe = json.loads((results / "memory" / f"lora-qv-r8-len{seq_len}" / "seed-0.json").read_text())
         assert probe["peak_rss_mb"] > 0 and probe["spec"]["job"]["max_length"] == seq_len
-    estimates = json.loads((results / "estimates" / "result.json").read_text())["estimates"]
-    assert {e["request"]["method"] for e in estimates} == {"full", "lora", "qlora"}
+    estimates = sorted(p.name for p in (results / "estimates").iterdir())
+    assert set(estimates) == {f"lora-qv-r8-len{n}.json" for n in table4_memory.SEQ_LENS}  # 64 shared by Table 1
     # A second call skips what is done; a result made with other settings is refused, not reused.
     done = results / "lora-qv-r1" / "seed-0.json"
     written = done.stat().st_mtime_ns
