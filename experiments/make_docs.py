@@ -108,39 +108,35 @@ def setup_section(results: Results) -> list[str]:
 
 
 def cost_lines(results: Results) -> list[str]:
-    """Wall time per configuration as recorded by the runs, with the host's load beside it."""
-    rows, total, loads = [], 0.0, []
+    """Wall and CPU time per configuration as recorded by the runs, with the host's load beside them."""
     groups = [("lr sweep", [r for points in results.sweep.values() for r in points.values()]),
               ("zero-shot", [results.zero_shot] if results.zero_shot else []),
-              ("memory estimates", results.estimates)]
+              ("memory estimates", results.estimates),
+              *((name, runs) for name, runs in sorted(results.runs.items())),
+              *((f"memory {name}", runs) for name, runs in sorted(results.memory.items()))]
+    rows, wall, cpu, loads = [], 0.0, 0.0, []
     for label, runs in groups:
-        if runs:
-            seconds = sum(r["wall_seconds"] for r in runs)
-            total += seconds
-            loads += [r["host"]["load_average"][0] for r in runs]
-            rows.append(f"| {label} | {len(runs)} | {seconds / len(runs):,.0f} | {seconds / 60:,.1f} |")
-    for name, runs in sorted(results.runs.items()):
+        if not runs:
+            continue
         seconds = sum(r["wall_seconds"] for r in runs)
-        total += seconds
+        cpu_seconds = [r["cpu_seconds"] for r in runs if "cpu_seconds" in r]
+        wall, cpu = wall + seconds, cpu + sum(cpu_seconds)
         loads += [r["host"]["load_average"][0] for r in runs]
-        rows.append(f"| {name} | {len(runs)} | {seconds / len(runs):,.0f} | {seconds / 60:,.1f} |")
-    for name, runs in sorted(results.memory.items()):
-        seconds = sum(r["wall_seconds"] for r in runs)
-        total += seconds
-        loads += [r["host"]["load_average"][0] for r in runs]
-        rows.append(f"| memory {name} | {len(runs)} | {seconds / len(runs):,.0f} | {seconds / 60:,.1f} |")
+        per_run = f"{sum(cpu_seconds) / len(cpu_seconds):,.0f}" if cpu_seconds else "-"
+        rows.append(f"| {label} | {len(runs)} | {seconds / len(runs):,.0f} | {per_run} | {seconds / 60:,.1f} |")
     if not rows:
         return ["Wall time: " + NOT_RUN + ".", ""]
-    mean_load = sum(loads) / len(loads)
-    return ["Wall time of the runs recorded so far, per configuration (each run: load, train, evaluate the "
-            f"1,200 sentences, save). Mean 1-minute load average when they started: {mean_load:.1f} on "
-            f"{results_cpus(results)} cores, so these are this host's times at that load, not a quiet machine's.",
-            "", "| runs of | runs | s per run | minutes |", "|---|---|---|---|", *rows,
-            f"| **all** | | | **{total / 60:,.1f}** |", ""]
+    return ["Time of the runs recorded so far, per configuration (each run: load, train, evaluate, save): wall "
+            "seconds, and CPU seconds (user + system over all threads), which depend far less on other jobs. Mean "
+            f"1-minute load average when they started: {sum(loads) / len(loads):.1f} on {results_cpus(results)} "
+            "cores; at a load above the core count the wall times are this shared host's, not a quiet machine's.",
+            "", "| runs of | runs | wall s per run | CPU s per run | wall minutes |", "|---|---|---|---|---|", *rows,
+            f"| **all** | | | **{cpu / 60:,.1f} CPU minutes** | **{wall / 60:,.1f}** |", ""]
 
 
 def results_cpus(results: Results) -> str:
-    every = [*(r for runs in results.runs.values() for r in runs), *(r for p in results.sweep.values() for r in p.values())]
+    every = [*(r for runs in results.runs.values() for r in runs), *(r for p in results.sweep.values() for r in p.values()),
+             *results.estimates, *([results.zero_shot] if results.zero_shot else [])]
     return str(every[0]["host"]["cpus"]) if every else "?"
 
 
@@ -257,7 +253,8 @@ def table4(results: Results) -> list[str]:
              f"{memory.STEPS} steps, then one evaluation batch of {memory.EVAL_ROWS} prompts. Formula: weights + "
              "gradients + AdamW state (2x the gradients) + saved activations, each counted by the estimator on "
              "the model itself; estimate: that plus evaluation, allocator and job overhead and the Python/torch "
-             "runtime (`lorakit estimate`); measured: the job's peak RSS.", "",
+             "runtime (`lorakit estimate`); measured: the job's peak RSS. The longer length is 128, not more: "
+             "at 256 tokens full fine-tuning needs about 13.5 GiB by the estimate.", "",
              "| method | L | weights | gradients | optimizer | activations | formula | estimate | measured peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     sums: dict[tuple[str, int], tuple[float, float, list[float]]] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -81,7 +82,8 @@ KINDS = {"train": train, "zero-shot": zero_shot, "estimate": estimate, "time": t
 
 
 def host() -> dict[str, Any]:
-    """Where and when it ran: the load average says how far its times can be trusted."""
+    """Where and when it ran: the load average says how far its wall times can be trusted (its CPU seconds,
+    user + system of all its threads, depend far less on what else runs)."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cpus": os.cpu_count(), "torch_threads":
             torch.get_num_threads(), "load_average": list(os.getloadavg()), "machine": platform.machine(),
@@ -94,8 +96,9 @@ def main(spec_file: str, result_file: str) -> None:
     start = time.perf_counter()
     result = KINDS[spec["kind"]](spec)
     ended = host()
-    record = {"spec": spec, **result, "wall_seconds": time.perf_counter() - start, "host": started,
-              "load_average_end": ended["load_average"]}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    record = {"spec": spec, **result, "wall_seconds": time.perf_counter() - start,
+              "cpu_seconds": usage.ru_utime + usage.ru_stime, "host": started, "load_average_end": ended["load_average"]}
     atomic.write_text(result_file, json.dumps(record, indent=1, allow_nan=False) + "\n")
 
 
