@@ -146,12 +146,16 @@ def train(
     init: Optional[str] = typer.Option(None, help="adapter start: kaiming, gaussian, pissa or pissa_niter_<k>"),
     use_dora: Optional[bool] = typer.Option(None, "--dora/--no-dora", help="DoRA: learn a magnitude per output"),
     use_rslora: Optional[bool] = typer.Option(None, "--rslora/--no-rslora", help="rsLoRA: scale alpha / sqrt(r)"),
+    full_finetune: Optional[bool] = typer.Option(None, "--full-finetune", help="train every weight instead of an "
+                                                 "adapter (with its own default --lr); saves the whole model"),
     quantize: Optional[str] = typer.Option(None, help="QLoRA: keep the base in nf4 or fp4"),
     quantize_embeddings: Optional[str] = typer.Option(None, help="with --quantize: embeddings and head in int8, "
                                                       "nf4 or fp4 too"),
     seed: Optional[int] = typer.Option(None, help="seed for data order and initialization"),
     max_length: Optional[int] = typer.Option(None, help="longest tokenized example (longer rows are truncated)"),
     eval_every: Optional[int] = typer.Option(None, help="evaluate every N steps (0: before and after only)"),
+    eval_before: Optional[bool] = typer.Option(None, "--eval-before/--no-eval-before",
+                                               help="evaluate the untrained model first (default: yes)"),
     save_every: Optional[int] = typer.Option(None, help="checkpoint every N steps for --resume"),
     precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16 or fp16"),
     gradient_checkpointing: Optional[bool] = typer.Option(None, help="recompute activations to save memory"),
@@ -161,7 +165,8 @@ def train(
     dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="print the memory estimate and stop"),
     nproc: Optional[int] = typer.Option(None, help="processes on this machine (runs torchrun for you)"),
 ) -> None:
-    """Fine-tune with LoRA; with no arguments, the embedded default model on the default data."""
+    """Fine-tune with LoRA (or every weight: --full-finetune); with no arguments, the embedded default model on
+    the default data."""
     flags = {k: v for k, v in locals().items() if k != "config" and v is not None}
     from .train import distributed
     from .train.config_file import job_config

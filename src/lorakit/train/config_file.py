@@ -11,10 +11,14 @@ from .job_config import JobConfig, coerce, flag_name, setting_types
 
 
 def job_config(preset: dict[str, Any], path: Path | None, flags: dict[str, Any]) -> JobConfig:
-    """Defaults < preset (for the embedded default data) < config file < flags given on the command line."""
+    """Defaults < preset (for the embedded default data) < config file < flags given on the command line.
+
+    The preset's learning rate is an adapter's; full fine-tuning leaves it out and takes its own."""
     from_file = read_config_file(path) if path else {}
     data = flags.get("data", from_file.get("data", "default"))
     values = dict(preset) if data == "default" else {}
+    if flags.get("full_finetune", from_file.get("full_finetune")):
+        values.pop("lr", None)
     values |= from_file
     values |= flags
     if isinstance(values.get("target"), str):

@@ -1,5 +1,6 @@
 """The main job behind `lorakit train`: model + data -> metric before -> LoRA training -> metric after ->
 adapter in PEFT layout -> check that the merged model predicts the same -> summary and curves.
+With `full_finetune` every weight trains instead and the whole model is saved (safetensors) in its place.
 
 With no arguments it fine-tunes the embedded default (SmolLM2-135M-Instruct on the movie-review sentiment
 sentences, see train/sentiment.py) as an instruction: "Review: ...\\nSentiment:" -> " positive"/" negative".
@@ -53,11 +54,12 @@ class JobReport:
     before: dict[str, float]
     after: dict[str, float]
     peak_memory_mb: float
-    adapter_dir: Path
+    adapter_dir: Path | None  # the trained adapter (PEFT layout); None for full fine-tuning
     curve: Path | None
     merged_agreement: tuple[int, int] | None
     n_train: int
     n_eval: int
+    model_dir: Path | None = None  # full fine-tuning: the whole trained model (Hugging Face folder)
 
 
 def run_job(cfg: JobConfig, progress: bool = True, log: Callable[[str], None] = print) -> JobReport:
@@ -80,7 +82,8 @@ def _run(cfg: JobConfig, device: torch.device, out: Path, progress: bool, say: C
     say(f"loading model {cfg.model!r} and data {cfg.data!r}")
     model, tokenizer, prepared = prepare(cfg, device)
     trainable, total = adapters.count_parameters(model)
-    say(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha}: {trainable:,} trainable of {total:,} parameters "
+    method = "full fine-tuning" if cfg.full_finetune else f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha}"
+    say(f"{method}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%), {len(prepared.train):,} training examples, {prepared.n_eval:,} held out")
     precision = amp_dtype(cfg.train.precision, device)
 
@@ -88,21 +91,26 @@ def _run(cfg: JobConfig, device: torch.device, out: Path, progress: bool, say: C
         with autocast(device, precision):
             return prepared.evaluate(model)
 
-    before = _timed(say, "evaluating before training", lambda: _evaluate_base(model, evaluate))
+    before = {}
+    if cfg.eval_before:
+        base = evaluate if cfg.full_finetune else lambda: _evaluate_base(model, evaluate)
+        before = _timed(say, "evaluating before training", base)
     trainer = Trainer(model, prepared.train, prepared.collate, prepared.loss_fn, cfg.train, out,
                       evaluate=evaluate, progress=progress)
     result = trainer.run(resume=cfg.resume)
     after = _timed(say, "evaluating after training", evaluate)
-    adapter_dir = out / "adapter"
-    if distributed.is_main():
+    adapter_dir, model_dir = (None, out / "model") if cfg.full_finetune else (out / "adapter", None)
+    if distributed.is_main() and model_dir is not None:
+        model_dir = run_folder.save_with_fallback(lambda folder: _save_model(model, tokenizer, folder), model_dir)
+    elif distributed.is_main():
         adapter_dir = run_folder.save_with_fallback(lambda folder: _save_adapter(model, tokenizer, folder), adapter_dir)
-    mergeable = not any(layer.lora_merge_blocker for _, layer in lora_layers(model))  # 4-bit bases are not
+    mergeable = adapter_dir is not None and not any(layer.lora_merge_blocker for _, layer in lora_layers(model))
     agreement = _merged_agreement(model, prepared) if prepared.choice is not None and mergeable else None
     title = f"lorakit train: {cfg.model} model on {cfg.data} data"
     curve = plot_curves(result.history, out / "curves.png", title, before, after) if distributed.is_main() else None
     distributed.barrier()
     return JobReport(trainable, total, result, before, after, _peak_memory_mb(device), adapter_dir, curve,
-                     agreement, len(prepared.train), prepared.n_eval)
+                     agreement, len(prepared.train), prepared.n_eval, model_dir)
 
 
 def _save_adapter(model: nn.Module, tokenizer: Any, folder: Path) -> None:
@@ -111,6 +119,13 @@ def _save_adapter(model: nn.Module, tokenizer: Any, folder: Path) -> None:
         io.save(model, staging)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(staging)
+
+
+def _save_model(model: nn.Module, tokenizer: Any, folder: Path) -> None:
+    """The fully fine-tuned model and its tokenizer as a Hugging Face folder (safetensors weights)."""
+    from ..models import save_hf_folder
+
+    save_hf_folder(model, tokenizer, folder)
 
 
 def evaluate_job(cfg: JobConfig, adapter: str | None = None, merged: bool = False) -> dict[str, float]:
@@ -127,7 +142,8 @@ def evaluate_job(cfg: JobConfig, adapter: str | None = None, merged: bool = Fals
 
 
 def prepare(cfg: JobConfig, device: torch.device, adapter: str | None = None) -> tuple[nn.Module, Any, Prepared]:
-    """Load model and data, apply a new adapter (or load `adapter`) and quantization, build the task."""
+    """Load model and data, apply a new adapter (or load `adapter`) and quantization, build the task; for full
+    fine-tuning, make every weight trainable instead."""
     from ..models import load_base_model
 
     fmt, train_records, eval_records = _records(cfg)
@@ -150,6 +166,8 @@ def prepare(cfg: JobConfig, device: torch.device, adapter: str | None = None) ->
     head = _head_name(model) if task == "classification" else None
     if adapter is not None:
         io.load(model, adapter)
+    elif cfg.full_finetune:
+        model.requires_grad_(True)
     else:
         inject(model, cfg.lora.replace(modules_to_save=[head]) if head else cfg.lora)
     train = data.tokenize(train_records, tokenizer, fmt, cfg.max_length, label_names=labels or None)

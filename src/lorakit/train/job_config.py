@@ -1,6 +1,9 @@
 """The settings of `lorakit train`: a JobConfig holds the adapter's LoraConfig and the optimiser's
 TrainSettings beside the job's own fields, and is built from flag names (`--batch-size`, a config file's
 `batch_size:` or `batch-size:`), every value coerced and range-checked before anything loads.
+
+`full_finetune` trains every weight of the model instead of an adapter (the baseline LoRA is measured
+against); it has no adapter settings, and without `lr` it takes FULL_FINETUNE_LR, not the adapters' default.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ LORA_FLAGS = {"r": "r", "alpha": "alpha", "dropout": "dropout", "target": "targe
               "use_dora": "use_dora", "use_rslora": "use_rslora"}
 TRAIN_FLAGS = {f.name: f.name for f in dataclasses.fields(TrainSettings)}
 ALIASES = {"dora": "use_dora", "rslora": "use_rslora"}  # the CLI's --dora / --rslora
+# Full fine-tuning moves every weight, so it needs a far smaller step than an adapter; picked for the
+# embedded default by the learning-rate sweep of experiments/ (docs/experiments.md).
+FULL_FINETUNE_LR = 3e-5
+ADAPTER_ONLY = ("lora_plus_ratio",)  # optimiser settings that only mean something for an adapter
 
 
 @dataclass
@@ -43,6 +50,8 @@ class JobConfig:
     overwrite: bool = False
     dry_run: bool = False
     nproc: int = 1
+    full_finetune: bool = False  # train every weight, no adapter; saves the whole model
+    eval_before: bool = True  # evaluate the untrained model first (a study measures it once instead)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
 
@@ -63,15 +72,22 @@ class JobConfig:
                 raise LorakitError(f"{name} must be >= {low}, got {value}")
         if self.resume and self.overwrite:
             raise LorakitError("resume continues the run in --out and overwrite deletes it; choose one")
+        if self.full_finetune and self.quantize is not None:
+            raise LorakitError("full fine-tuning trains the dense weights, which a quantized base does not have; "
+                               "drop --quantize (QLoRA trains an adapter on a 4-bit base) or --full-finetune")
 
     @classmethod
     def of(cls, origin: str = "", **settings: Any) -> JobConfig:
         """A checked JobConfig from flag names; `origin` (e.g. "--config run.yaml") prefixes type errors."""
         job, lora, train = {}, {}, {}
         hints = setting_types()
+        values = {}
         for key, value in settings.items():
             name = flag_name(key, origin)
-            value = coerce(name, value, hints[name], origin)
+            values[name] = coerce(name, value, hints[name], origin)
+        if values.get("full_finetune"):
+            values = _full_finetune_settings(values, origin)
+        for name, value in values.items():
             if name in LORA_FLAGS:
                 lora[LORA_FLAGS[name]] = value
             elif name in TRAIN_FLAGS:
@@ -83,8 +99,21 @@ class JobConfig:
     def settings(self) -> dict[str, Any]:
         """Flag name -> value for every setting: what run.json records and `--resume` compares."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("lora", "train")}
-        values |= {flag: getattr(self.lora, name) for flag, name in LORA_FLAGS.items()}
+        if not self.full_finetune:
+            values |= {flag: getattr(self.lora, name) for flag, name in LORA_FLAGS.items()}
         return values | dataclasses.asdict(self.train)
+
+
+def _full_finetune_settings(values: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Full fine-tuning's settings: adapter settings are refused (they would be ignored), and the learning
+    rate defaults to FULL_FINETUNE_LR."""
+    adapter = sorted(name for name in values if name in LORA_FLAGS or name in ADAPTER_ONLY)
+    if adapter:
+        where = f"{origin}: " if origin else ""
+        shown = ", ".join("--" + name.replace("_", "-") for name in adapter)
+        raise LorakitError(f"{where}{shown} set up an adapter, and full fine-tuning trains every weight without "
+                           "one; drop them, or drop --full-finetune to train LoRA")
+    return {"lr": FULL_FINETUNE_LR} | values
 
 
 def flag_names() -> list[str]:

@@ -4,6 +4,7 @@
     metrics.jsonl     one strict-JSON record per step, written by this run only
     checkpoints/      step-N folders, each swapped in whole (train/checkpoint.py)
     adapter/          the final adapter and tokenizer, swapped in as one unit
+    model/            full fine-tuning: the whole trained model and tokenizer (instead of adapter/)
     curves.png        loss and metric curves
     .lorakit.lock     locked (flock) while a process trains here; holds the holder's pid, host and start
 
@@ -34,7 +35,7 @@ from .metrics import METRICS
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lorakit.lock"
-RUN_ENTRIES = (RUN_FILE, METRICS, "checkpoints", "adapter", "curves.png")
+RUN_ENTRIES = (RUN_FILE, METRICS, "checkpoints", "adapter", "model", "curves.png")
 # Settings a resumed run may change: they steer evaluation, saving, speed and where it runs, not what is learned.
 # The model and data are compared by fingerprint, so a moved file still resumes.
 MAY_CHANGE_ON_RESUME = ("out", "resume", "overwrite", "dry_run", "nproc", "eval_size", "model", "data",

@@ -16,8 +16,8 @@ def print_summary(console: Console, cfg: JobConfig, report: JobReport) -> None:
     share = 100 * report.trainable / report.total
     rows = [
         ("model / data", f"{cfg.model} / {cfg.data}"),
-        ("LoRA", f"r={cfg.lora.r}, alpha={cfg.lora.alpha}, "
-                 f"targets={cfg.lora.target_modules or 'architecture default'}"),
+        ("method", "full fine-tuning (every weight)" if cfg.full_finetune else
+         f"LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets={cfg.lora.target_modules or 'architecture default'}"),
         ("trainable parameters", f"{report.trainable:,} of {report.total:,} ({share:.2f}%)"),
         ("examples", f"{report.n_train:,} train, {report.n_eval:,} held out"),
         ("steps", f"{report.train.steps} x batch {cfg.train.batch_size}"),
@@ -31,7 +31,10 @@ def print_summary(console: Console, cfg: JobConfig, report: JobReport) -> None:
     if report.merged_agreement:
         same, n = report.merged_agreement
         rows.append(("merged model", f"same predictions on {same}/{n} held-out prompts"))
-    rows.append(("adapter (PEFT layout)", str(report.adapter_dir)))
+    if report.adapter_dir is not None:
+        rows.append(("adapter (PEFT layout)", str(report.adapter_dir)))
+    if report.model_dir is not None:
+        rows.append(("model (Hugging Face folder)", str(report.model_dir)))
     if report.curve:
         rows.append(("curves", str(report.curve)))
     for key, value in rows:
