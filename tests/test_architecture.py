@@ -17,8 +17,9 @@ SOURCE = Path(__file__).resolve().parents[1] / "src"
 
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("errors", "version", "atomic", "module_tree", "config")),
-    ("quantization", ("quant.codes", "quant.steps", "quant.pages", "quant.blockwise", "quant.tensor",
-                      "quant.linear4bit", "quant.embedding", "quant.model", "quant.hf_folder")),
+    ("quantization", ("quant.codes", "quant.steps", "quant.pages", "quant.compiled", "quant.blockwise",
+                      "quant.tensor", "quant.linear4bit", "quant.keep", "quant.embedding", "quant.model",
+                      "quant.hf_folder")),
     ("base models and assets", ("assets", "models")),
     ("layers", ("layers", "layers.*")),
     ("model state", ("state", "loralib")),
