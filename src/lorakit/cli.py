@@ -504,10 +504,6 @@ def serve(
 
 
 def _print_estimate(cfg) -> None:
-    from .train.estimate import estimate_table
-
-
-def _print_estimate(cfg) -> None:
     from .train.estimate_table import estimate_table
 
     console.print(estimate_table(cfg.model, r=cfg.lora.r, target=cfg.lora.target_modules,
