@@ -223,7 +223,7 @@ class LoraLayer:
         if not names:
             return out
         if plan.wants_gather(self, names) and routing.can_gather(self, names):
-            return routing.gathered(self, plan, names, x, out)
+            return plan.add_terms(self, names, x, out)
         base = out
         for name in names:
             rows = plan.rows_of(name, x.device)

@@ -11,16 +11,14 @@ Two ways to compute the rows' terms, both exact:
 most rows have an adapter of their own: bench/bench_route.py measured grouping as fast or faster for single
 calls, and gathering 2x faster than grouping over generate-like steps with 64 adapters in a batch of 64.
 
-A server changes its batch at almost every step, so per-block gathered stacks rarely get reused there.
-`AdapterBank` keeps every loaded adapter's A and B in persistent per-layer stacks (one slot per adapter,
-slot 0 all zeros for base rows, ranks padded to the largest), written once when an adapter is loaded;
-a `BankedRoutePlan` then only builds one index tensor per batch and each layer gathers its rows from
-the stacks (`index_select`) before the same two batched matmuls.
+A server changes its batch at almost every step, so per-block gathered stacks rarely get reused there:
+lorakit/layers/adapter_bank.py keeps persistent stacks instead and plugs in as a `RoutePlan` subclass
+(`add_terms` is the one method a plan's layer calls to add the rows' terms).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +74,10 @@ class RoutePlan:
         self._seen.add(id(layer))
         return reused and 1 < len(names) and self.rows <= 2 * len(names)
 
+    def add_terms(self, layer: LoraLayer, names: tuple[str, ...], x: Tensor, out: Tensor) -> Tensor:
+        """out + every row's own term (`names`: this layer's adapters among the rows'; wants_gather agreed)."""
+        return gathered(layer, self, names, x, out)
+
     def row_weights(self, layer: LoraLayer, names: tuple[str, ...], dtype: torch.dtype
                     ) -> tuple[Tensor, Tensor, Tensor]:
         """Every row's A (rows, r_max, in), B (rows, out, r_max) and scaling (rows, 1, 1); cached while
@@ -117,7 +119,7 @@ def can_gather(layer: LoraLayer, names: tuple[str, ...]) -> bool:
 
 
 def gathered(layer: LoraLayer, plan: RoutePlan, names: tuple[str, ...], x: Tensor, out: Tensor) -> Tensor:
-    """out + every row's own term, from two batched matmuls over the whole batch."""
+    """out + every row's own term, from two batched matmuls over the whole batch (`RoutePlan.add_terms`)."""
     dtype = inplace_autograd.compute_dtype(x, layer.lora_A[names[0]])
     A_rows, B_rows, scaling = plan.row_weights(layer, names, dtype)
     rows, features = plan.rows, out.shape[-1]
@@ -134,94 +136,3 @@ def gathered(layer: LoraLayer, plan: RoutePlan, names: tuple[str, ...], x: Tenso
     else:
         out3.add_(torch.bmm(h, B_rows.transpose(1, 2)))
     return out3.view(out.shape)
-
-
-class AdapterBank:
-    """Persistent per-layer stacks of the plain adapters' A (slots, r_max, in), B (slots, out, r_max) and
-    scaling (slots,); an adapter occupies the same slot in every layer, with zeros (scaling 0) in layers it
-    does not adapt. Adapters the bank cannot hold (DoRA, fused groups, non-linear kinds) are left to grouping."""
-
-    def __init__(self, capacity: int | None = None) -> None:
-        self.capacity = capacity  # most adapters held at once, if known: stacks never grow past it + 1 slots
-        self.slots: dict[str, int] = {}  # adapter name -> slot (>= 1; 0 is the base)
-        self.stacks: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # id(layer) -> (A, B, scaling)
-        self.layers: dict[int, LoraLayer] = {}
-        self.covered: dict[int, frozenset[str]] = {}  # id(layer) -> adapters held in its stacks
-
-    def add(self, layers: Iterable[LoraLayer], name: str) -> None:
-        """Copy adapter `name` from every layer that has it into a free slot; growing stacks as needed."""
-        if name in self.slots:
-            raise LorakitError(f"adapter {name!r} is already in the bank")
-        used = set(self.slots.values())
-        slot = next(i for i in range(1, len(used) + 2) if i not in used)
-        self.slots[name] = slot
-        for layer in layers:
-            spec = layer.lora_adapters.get(name)
-            if spec is None or not can_gather(layer, (name,)):
-                continue
-            key = id(layer)
-            self.layers[key] = layer
-            A_new, B_new = layer.lora_A[name].detach(), layer.lora_B[name].detach()
-            A, B, scaling = self._fit(key, A_new, slot, B_new.shape[0])
-            with torch.no_grad():
-                A[slot].zero_(), B[slot].zero_()
-                A[slot, :spec.r].copy_(A_new)
-                B[slot, :, :spec.r].copy_(B_new)
-                scaling[slot] = spec.scaling
-            self.covered[key] = self.covered.get(key, frozenset()) | {name}
-        for key, (A, _, _) in list(self.stacks.items()):  # every stack indexable by every slot
-            if A.shape[0] <= slot:
-                self._fit(key, A[0, :0], slot, 0)
-
-    def remove(self, name: str) -> None:
-        """Free the adapter's slot (zeroed, so a stale index can never add its update)."""
-        slot = self.slots.pop(name)
-        for key, (A, B, scaling) in self.stacks.items():
-            if name in self.covered.get(key, ()):
-                A[slot].zero_(), B[slot].zero_()
-                scaling[slot] = 0.0
-                self.covered[key] = self.covered[key] - {name}
-
-    def holds(self, layer: LoraLayer, names: tuple[str, ...]) -> bool:
-        covered = self.covered.get(id(layer), frozenset())
-        return all(n in covered for n in names)
-
-    def _fit(self, key: int, A_new: Tensor, slot: int, fan_out: int) -> tuple[Tensor, Tensor, Tensor]:
-        """This layer's stacks, created or grown (slots doubled, rank padded) so `slot` and A_new's rank fit."""
-        r, fan_in = A_new.shape[0], A_new.shape[1]
-        old = self.stacks.get(key)
-        if old is None:
-            slots, r_max = slot + 1, r
-        else:
-            have, r_have, fan_out = old[0].shape[0], old[0].shape[1], old[1].shape[1]
-            if slot < have and r <= r_have:
-                return old
-            grown = 2 * have if self.capacity is None else min(2 * have, self.capacity + 1)
-            slots, r_max = (have if slot < have else max(slot + 1, grown)), max(r, r_have)
-        A = A_new.new_zeros(slots, r_max, fan_in)
-        B = A_new.new_zeros(slots, fan_out, r_max)
-        scaling = A_new.new_zeros(slots)
-        if old is not None:
-            n, r_old = old[0].shape[0], old[0].shape[1]
-            A[:n, :r_old], B[:n, :, :r_old], scaling[:n] = old
-        self.stacks[key] = (A, B, scaling)
-        return self.stacks[key]
-
-
-class BankedRoutePlan(RoutePlan):
-    """A RoutePlan whose rows gather their weights from an `AdapterBank`: one index tensor per batch."""
-
-    def __init__(self, names_per_row: Sequence[str | None], bank: AdapterBank, device: torch.device) -> None:
-        super().__init__(names_per_row, "gather")
-        self.bank = bank
-        self.index = torch.tensor([bank.slots.get(n, 0) if n else 0 for n in self.names], device=device)
-
-    def wants_gather(self, layer: LoraLayer, names: tuple[str, ...]) -> bool:
-        return self.bank.holds(layer, names)
-
-    def row_weights(self, layer: LoraLayer, names: tuple[str, ...], dtype: torch.dtype
-                    ) -> tuple[Tensor, Tensor, Tensor]:
-        A, B, scaling = self.bank.stacks[id(layer)]
-        rows = (A.index_select(0, self.index), B.index_select(0, self.index),
-                scaling.index_select(0, self.index).view(-1, 1, 1))
-        return tuple(t.to(dtype) for t in rows)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from ..layers.routing import AdapterBank, BankedRoutePlan
+from ..layers.adapter_bank import AdapterBank, BankedRoutePlan
 from ..state import find_state, lora_layers
 
 

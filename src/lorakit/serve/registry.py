@@ -16,7 +16,7 @@ from torch import nn
 from .. import adapter_files
 from ..adapters import delete_adapter, set_active, unload
 from ..errors import LorakitError
-from ..layers.routing import AdapterBank
+from ..layers.adapter_bank import AdapterBank
 from ..state import find_state, lora_layers
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
