@@ -105,7 +105,7 @@ class BankedRoutePlan(RoutePlan):
         super().__init__(names_per_row, "gather")
         self.bank = bank
         self._routed: dict[tuple, tuple[Tensor | None, Tensor]] = {}
-        self._bags: dict[tuple, tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]] = {}
+        self._bags: dict[tuple, tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor | None]] = {}
 
     def wants_gather(self, layer: LoraLayer, names: tuple[str, ...]) -> bool:
         return self.bank.holds(layer, names)
@@ -114,18 +114,16 @@ class BankedRoutePlan(RoutePlan):
         """out + the term of every row whose adapter is in `names` (all held by the bank for this layer)."""
         A, B = self.bank.stacks[id(layer)]
         dtype = inplace_autograd.compute_dtype(x, A)
-        rows, slots = self.routed_rows(names, x.device)
         x3 = x.reshape(self.rows, -1, x.shape[-1])
-        if rows is not None:
-            x3 = x3.index_select(0, rows)
         tokens = x3.shape[1]
         if tokens <= BAG_TOKENS and dtype == A.dtype and dtype in BAG_DTYPES:
-            a_bags, b_bags = self.bags(names, tokens, A)
-            y = bag_lora(x3.reshape(-1, x3.shape[-1]).to(dtype), A, B, a_bags, b_bags)
-            y = y.view(len(slots), tokens, -1)
-        else:
-            y = gathered_lora(x3, A, B, slots, dtype)
-        return _add_rows(out, rows, y, self.rows)
+            a_bags, b_bags, routed = self.bags(names, tokens, A)
+            y = bag_lora(x3.reshape(-1, x3.shape[-1]).to(dtype), A, B, a_bags, b_bags, routed)
+            return _add_rows(out, None, y.view(self.rows, tokens, -1), self.rows)
+        rows, slots = self.routed_rows(names, x.device)
+        if rows is not None:
+            x3 = x3.index_select(0, rows)
+        return _add_rows(out, rows, gathered_lora(x3, A, B, slots, dtype), self.rows)
 
     def routed_rows(self, names: tuple[str, ...], device: torch.device) -> tuple[Tensor | None, Tensor]:
         """(the rows whose adapter is in `names`, None when that is every row; their slots)."""
@@ -137,13 +135,18 @@ class BankedRoutePlan(RoutePlan):
             self._routed[key] = (rows, slots)
         return self._routed[key]
 
-    def bags(self, names: tuple[str, ...], tokens: int, A: Tensor) -> tuple[tuple[Tensor, Tensor], ...]:
-        """embedding_bag's indices and offsets for A and B: one bag per token of the routed rows."""
+    def bags(self, names: tuple[str, ...], tokens: int, A: Tensor
+             ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor | None]:
+        """embedding_bag's indices and offsets for A and B, one bag per token of the batch (empty for the
+        tokens of rows whose adapter is not in `names`), and those routed tokens (None: all of them)."""
         _, fan_in, rank = A.shape
         key = (names, tokens, fan_in, rank, A.device)
         if key not in self._bags:
-            slots = self.routed_rows(names, A.device)[1].repeat_interleave(tokens)
-            self._bags[key] = (bag_index(slots, fan_in), bag_index(slots, rank))
+            slots = [self.bank.slots[n] if n in names else -1 for n in self.names]
+            token_slots = torch.tensor(slots, device=A.device).repeat_interleave(tokens)
+            present = token_slots >= 0
+            routed = None if bool(present.all()) else present.nonzero().view(-1)
+            self._bags[key] = (bag_index(token_slots, fan_in), bag_index(token_slots, rank), routed)
         return self._bags[key]
 
 

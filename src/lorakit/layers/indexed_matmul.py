@@ -28,21 +28,27 @@ BAG_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def bag_index(slots: Tensor, width: int) -> tuple[Tensor, Tensor]:
-    """Indices and offsets of one bag per entry of `slots`: rows slot·width ... slot·width + width - 1."""
+    """Indices and offsets of one bag per entry of `slots`: rows slot·width ... slot·width + width - 1 of a
+    table, or an empty bag (a zero result) where the slot is negative."""
+    present = slots >= 0
     steps = torch.arange(width, device=slots.device)
-    indices = (slots[:, None] * width + steps).reshape(-1)
-    return indices, torch.arange(len(slots), device=slots.device) * width
+    indices = (slots[present, None] * width + steps).reshape(-1)
+    lengths = present.long() * width
+    return indices, lengths.cumsum(0) - lengths
 
 
 def bag_lora(x: Tensor, A_table: Tensor, B_table: Tensor, a_bags: tuple[Tensor, Tensor],
-             b_bags: tuple[Tensor, Tensor]) -> Tensor:
-    """x (tokens, in) -> (tokens, out): token i through the slot its bags name (`bag_index` of the tokens'
-    slots with width in for A, r for B); x has the tables' dtype."""
+             b_bags: tuple[Tensor, Tensor], routed: Tensor | None) -> Tensor:
+    """x (tokens, in) -> (tokens, out): each token through the slot its bags name (`bag_index` of the tokens'
+    slots, width in for A and r for B); zeros for the tokens outside `routed` (None: every token is routed).
+    x has the tables' dtype."""
     slots, fan_in, rank = A_table.shape
+    weights = x if routed is None else x.index_select(0, routed)
     h = F.embedding_bag(a_bags[0], A_table.view(slots * fan_in, rank), a_bags[1], mode="sum",
-                        per_sample_weights=x.reshape(-1))
+                        per_sample_weights=weights.reshape(-1))
+    weights = h if routed is None else h.index_select(0, routed)
     return F.embedding_bag(b_bags[0], B_table.view(slots * rank, -1), b_bags[1], mode="sum",
-                           per_sample_weights=h.reshape(-1))
+                           per_sample_weights=weights.reshape(-1))
 
 
 def gathered_lora(x: Tensor, A_table: Tensor, B_table: Tensor, slots: Tensor, dtype: torch.dtype) -> Tensor:
