@@ -6,7 +6,7 @@ ended, until --requests requests are answered or --seconds pass.
 
   base          every request to the base model (the ceiling)
   mixed1/8/32   requests spread round-robin over the base and 1, 8 or 32 adapters (continuous batching,
-                every row its own adapter, gathered from the persistent banks)
+                every row its own adapter, read from the persistent banks)
   peft32        the naive server a user would write: a PEFT model behind the same ASGI app, handling one
                 request at a time with set_adapter (or disable_adapter) + generate, over the base and 32 adapters
   registered200 200 adapters registered (--adapter-dir), at most 32 loaded: requests over all 200 load on use

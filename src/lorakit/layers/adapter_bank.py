@@ -44,7 +44,7 @@ class AdapterBank:
         self.capacity = capacity  # most adapters held at once, if known: tables never grow past it + 1 slots
         self.slots: dict[str, int] = {}  # adapter name -> slot (>= 1)
         self.stacks: dict[int, tuple[Tensor, Tensor]] = {}  # id(layer) -> (A table, B table)
-        self.layers: dict[int, LoraLayer] = {}
+        self.layers: dict[int, LoraLayer] = {}  # holds each layer, so no other object can take its id
         self.covered: dict[int, frozenset[str]] = {}  # id(layer) -> adapters held in its tables
 
     def add(self, layers: Iterable[LoraLayer], name: str) -> None:
@@ -103,7 +103,7 @@ class AdapterBank:
 
 class BankedRoutePlan(RoutePlan):
     """A RoutePlan whose rows read their adapters from an `AdapterBank`: index tensors built once per batch
-    (per set of adapters a layer has, and per layer shape), no weights copied for one-token rows."""
+    (per set of adapters a layer has, and per layer shape), no weights copied for decode rows."""
 
     def __init__(self, names_per_row: Sequence[str | None], bank: AdapterBank, device: torch.device) -> None:
         super().__init__(names_per_row, "gather")
