@@ -18,6 +18,8 @@ Each prints wall and CPU seconds of the one call and the relative Frobenius erro
 exact Σ w_i·s_i·B_i·A_i; for lk_ties, against the dense TIES merge truncated to rank 64 by a full
 torch.linalg.svd (the path lorakit used before GramSpectrum), on the 7 layers of block 0. CPU seconds approximate
 what a quiet machine needs at one thread (--threads, default 1); on a loaded host wall time is several times larger.
+lorakit's combine runs its layers on --threads worker threads (arithmetic/workers.py), so with --threads 2 its
+wall time can be below its CPU time on an idle machine.
 Run: python bench/bench_arithmetic.py [--only 'lk_*']
 """
 

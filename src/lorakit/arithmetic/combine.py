@@ -45,6 +45,7 @@ def combine(model: nn.Module, weights: dict[str, float], method: str = "linear",
     `dora_as_update`: DoRA sources count as their effective update W' - W (dense), and the result is a
     plain LoRA adapter of `rank` (required for linear); without it DoRA sources are taken only where the
     result is exactly a DoRA adapter (one source, cat or untruncated linear).
+    Layers run on torch.get_num_threads() worker threads with torch at one thread meanwhile (arithmetic/workers.py).
     """
     _check_arguments(model, weights, method, name, rank, density)
     dora_sources = [a for a in weights if dora.is_dora(model, a)]
