@@ -106,7 +106,8 @@ def _combined(method: str, workers_: int, budget: int | None, threads, monkeypat
     model = three_adapters(_llama(), "all-linear")  # 7 shapes of layer; c adapts only the first half of them
     kwargs = {"rank": 3} if method == "linear" else {"rank": 5, "density": 0.4, "seed": 3}
     report = lk.combine(model, WEIGHTS, method=method, name="m", **kwargs)
-    assert [layer.module for layer in report.layers] == [n for n, layer in lora_layers(model) if "m" in layer.lora_adapters]
+    adapted = [n for n, layer in lora_layers(model) if "m" in layer.lora_adapters]
+    assert [layer.module for layer in report.layers] == adapted
     return result_delta(model, "m")
 
 
@@ -142,8 +143,10 @@ def test_dare_drops_follow_model_order_with_workers(workers_, threads):
             if adapter in layer.lora_adapters:
                 delta = result_delta(model, adapter)[name] * w
                 tasks.append(delta.flatten().tolist())
-                masks.append((torch.rand(delta.shape, generator=generator, dtype=torch.float64) < density).flatten().tolist())
-        want = torch.tensor(reference_merge(tasks, "dare_ties", density, masks), dtype=torch.float64).view(got[name].shape)
+                drawn = torch.rand(delta.shape, generator=generator, dtype=torch.float64)
+                masks.append((drawn < density).flatten().tolist())
+        merged = reference_merge(tasks, "dare_ties", density, masks)
+        want = torch.tensor(merged, dtype=torch.float64).view(got[name].shape)
         torch.testing.assert_close(got[name], want, atol=1e-6 * float(want.abs().max()), rtol=1e-5)
 
 
@@ -183,3 +186,20 @@ def test_trim_selects_what_a_stable_sort_selects(density):
         want[i].view(-1)[order] = task.flatten()[order]
     got = trim_(tasks.clone(), density)
     assert torch.equal(got, want)
+
+
+def test_scratch_buffers_are_reused_within_a_run_and_dropped_over_the_limit():
+    from lorakit.arithmetic.workers import _worker, scratch
+
+    def take(numel: int) -> LayerJob:
+        return LayerJob(lambda: scratch("slot", (numel,), torch.float64, torch.device("cpu")).data_ptr(), 8 * numel)
+
+    def held() -> LayerJob:
+        return LayerJob(lambda: "slot" in _worker.buffers, 0)
+
+    small = run_jobs([take(10), take(6), take(10), held()], workers=1, budget=1_000)
+    assert small[0] == small[1] == small[2] and small[3]  # one buffer, reused (a smaller request is a view of it)
+    large = run_jobs([take(400), held()], workers=1, budget=1_000)  # 3,200 bytes > the budget: not kept
+    assert large[1] is False
+    assert getattr(_worker, "buffers", None) is None  # nothing held once run_jobs returns
+    assert scratch("slot", (4,), torch.float64, torch.device("cpu")).shape == (4,)  # outside: a fresh tensor

@@ -24,13 +24,15 @@ import torch
 from torch import nn
 
 from ..errors import LorakitError
+from ..layers.core import LoraLayer
 from ..state import get_state, lora_layers
 from . import dora
 from .build import add_from_updates, check_source
 from .dense import DENSE_METHODS, dare_keep_masks, merge_dense
-from .factors import GramSpectrum, Update, chosen_rank, direction_update, factored_svd, layer_update, numerical_rank
+from .factors import (WORK_DTYPE, GramSpectrum, Update, chosen_rank, direction_update, factored_svd, layer_update,
+                      numerical_rank)
 from .report import LayerReport, RankReport
-from .workers import LayerJob, run_jobs
+from .workers import LayerJob, run_jobs, scratch
 
 METHODS = ("cat", "linear", *DENSE_METHODS)
 
@@ -78,11 +80,11 @@ def _layer_jobs(model: nn.Module, weights: dict[str, float], method: str, rank: 
                       for a, _ in present]
         shape = (directions[0].B.shape[0], directions[0].A.shape[1])
         keep_masks = (dare_keep_masks(shape, len(present), density, generator) if method.startswith("dare") else None)
-        sources = [(w, partial(dora.effective_update, layer, a) if a in dora_sources else direction.dense)
-                   for (a, w), direction in zip(present, directions)]
+        sources = [(w, partial(_write_effective_update, layer, a) if a in dora_sources
+                    else partial(_write_product, direction)) for (a, w), direction in zip(present, directions)]
         nbytes = 8 * shape[0] * shape[1] * (len(present) + 3) + (0 if keep_masks is None else keep_masks.numel())
-        yield LayerJob(partial(_dense_layer, module, sources, shape, rank_before, method, rank, density, keep_masks),
-                       nbytes)
+        yield LayerJob(partial(_dense_layer, module, sources, shape, directions[0].B.device, rank_before, method, rank,
+                               density, keep_masks), nbytes)
 
 
 def _factored_layer(module: str, stacked: Update, rank_before: int, method: str,
@@ -97,22 +99,27 @@ def _factored_layer(module: str, stacked: Update, rank_before: int, method: str,
     return LayerReport(module, rank_before, keep, norm, spectrum.kept_fraction(keep)), spectrum.truncated(keep)
 
 
-def _dense_layer(module: str, sources: list[tuple[float, Callable[[], torch.Tensor]]], shape: tuple[int, int],
-                 rank_before: int, method: str, rank: int | None, density: float | None,
-                 keep_masks: torch.Tensor | None) -> tuple[LayerReport, Update]:
+def _dense_layer(module: str, sources: list[tuple[float, Callable[[torch.Tensor], torch.Tensor]]],
+                 shape: tuple[int, int], device: torch.device, rank_before: int, method: str, rank: int | None,
+                 density: float | None, keep_masks: torch.Tensor | None) -> tuple[LayerReport, Update]:
     """The dense methods (and linear over DoRA effective updates): Σ or merge of w_i·ΔW_i, then its top
     `rank` directions (default: the inputs' total rank)."""
-    first = sources[0][1]()
-    tasks = first.new_empty((len(sources), *shape))
-    for i, (weight, dense) in enumerate(sources):
-        torch.mul(first if i == 0 else dense(), weight, out=tasks[i])
-    del first
+    tasks = scratch("tasks", (len(sources), *shape), WORK_DTYPE, device)
+    for task, (weight, write) in zip(tasks, sources):
+        write(task).mul_(weight)
     merged = tasks.sum(0) if method == "linear" else merge_dense(tasks, method, density, keep_masks)
-    del tasks
     spectrum = GramSpectrum.of(merged)
     keep = chosen_rank(spectrum, rank or rank_before, None)
     norm = float(spectrum.S.pow(2).sum().sqrt())
     return LayerReport(module, rank_before, keep, norm, spectrum.kept_fraction(keep)), spectrum.truncated(keep)
+
+
+def _write_product(update: Update, out: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(update.B, update.A, out=out)
+
+
+def _write_effective_update(layer: LoraLayer, adapter: str, out: torch.Tensor) -> torch.Tensor:
+    return out.copy_(dora.effective_update(layer, adapter))
 
 
 def _one_dora_source(model: nn.Module, source: str, weight: float, method: str, name: str) -> RankReport:

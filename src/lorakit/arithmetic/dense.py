@@ -9,7 +9,8 @@ Each input is a task vector τ_i = w_i·ΔW_i (the weight folded in, so a negati
 Random drops come from `generator` (a CPU one), one `torch.rand(shape) < density` draw per input in order.
 
 One layer's tasks come stacked as an (inputs, out, in) float64 tensor that these functions overwrite in
-place, so a layer needs about inputs + 2 dense matrices at once. The trim's threshold is one linear-time
+place, so a layer needs about inputs + 2 dense matrices at once; temporaries come from the worker's reused
+`scratch` buffers (arithmetic/workers.py). The trim's threshold is one linear-time
 selection per task: numpy's introselect on CPU (about 5x faster than torch's kthvalue, which also tracks
 indices), torch's kthvalue elsewhere.
 """
@@ -19,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
+
+from .workers import scratch
 
 DENSE_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 
@@ -34,10 +37,10 @@ def trim_(tasks: Tensor, density: float) -> Tensor:
         return tasks
     if keep == 0:
         return tasks.zero_()
-    magnitude = rows.abs()
+    magnitude = torch.abs(rows, out=scratch("magnitude", rows.shape, rows.dtype, rows.device))
     threshold = _kth_smallest_(magnitude, n - keep)  # the keep-th largest magnitude of each task
     torch.abs(rows, out=magnitude)  # the selection reordered it
-    mask = magnitude >= threshold[:, None]
+    mask = torch.ge(magnitude, threshold[:, None], out=scratch("mask", rows.shape, torch.bool, rows.device))
     surplus = mask.sum(1) - keep  # entries tied with the threshold beyond the ones to keep
     for row in surplus.nonzero().flatten().tolist():
         tied = (magnitude[row] == threshold[row]).nonzero().flatten()
@@ -65,8 +68,13 @@ def dare_keep_masks(shape: tuple[int, ...], count: int, density: float, generato
 def disjoint_mean_(tasks: Tensor) -> Tensor:
     """TIES's merge of stacked task vectors: per entry, the mean of those whose sign is the elected one
     (the sign of their sum, ties to +). Overwrites `tasks`."""
-    agree = torch.where(tasks.sum(0) >= 0, tasks > 0, tasks < 0)
-    count = agree.sum(0).clamp_min_(1)
+    entries, device = tasks.shape[1:], tasks.device
+    total = torch.sum(tasks, 0, out=scratch("total", entries, tasks.dtype, device))
+    elected = torch.ge(total, 0, out=scratch("elected", entries, torch.bool, device))
+    positive = torch.gt(tasks, 0, out=scratch("positive", tasks.shape, torch.bool, device))
+    negative = torch.lt(tasks, 0, out=scratch("negative", tasks.shape, torch.bool, device))
+    agree = torch.where(elected, positive, negative, out=positive)
+    count = torch.sum(agree, 0, out=scratch("count", entries, torch.int64, device)).clamp_min_(1)
     return tasks.mul_(agree).sum(0).div_(count)
 
 
