@@ -6,7 +6,8 @@ Configurations (each in its own process; the adapters are the same in all: lorak
 B ~ N(0, 0.01), seeded, and PEFT loads them from lk.save folders):
   lk_cat, lk_linear        lk.combine(weights 1, -0.5), method cat / linear (exact, factored SVD)
   lk_linear_r64            lk.combine linear truncated to rank 64
-  lk_ties                  lk.combine ties, density 0.5, rank 64 (dense ΔW, Gram eigen decomposition per layer)
+  lk_ties                  lk.combine ties, density 0.5, rank 64 (dense ΔW, Gram eigen decomposition per layer;
+                           layers side by side on --threads worker threads, arithmetic/workers.py)
   lk_dare_ties             lk.combine dare_ties, density 0.5, rank 64 (the same dense path with seeded drops)
   lk_resize                lk.resize one adapter to rank 32
   lk_analyze               lk.analysis.analyze(a, b): spectra, amplification, both φ grids
@@ -17,6 +18,8 @@ Each prints wall and CPU seconds of the one call and the relative Frobenius erro
 exact Σ w_i·s_i·B_i·A_i; for lk_ties, against the dense TIES merge truncated to rank 64 by a full
 torch.linalg.svd (the path lorakit used before GramSpectrum), on the 7 layers of block 0. CPU seconds approximate
 what a quiet machine needs at one thread (--threads, default 1); on a loaded host wall time is several times larger.
+lorakit's combine runs its layers on --threads worker threads (arithmetic/workers.py), so with --threads 2 its
+wall time can be below its CPU time on an idle machine.
 Run: python bench/bench_arithmetic.py [--only 'lk_*']
 """
 
@@ -61,8 +64,8 @@ def exact(layer) -> torch.Tensor:
 
 def ties_by_full_svd(layer, rank: int = 64, density: float = 0.5) -> torch.Tensor:
     """The reference for lk_ties: the dense TIES merge, truncated by a full SVD."""
-    merged = merge_dense([w * layer.lora_delta(a, torch.float64) for a, w in WEIGHTS.items()], "ties", density,
-                         torch.Generator())
+    merged = merge_dense(torch.stack([w * layer.lora_delta(a, torch.float64) for a, w in WEIGHTS.items()]), "ties",
+                         density)
     U, S, Vh = torch.linalg.svd(merged, full_matrices=False)
     return U[:, :rank] * S[:rank] @ Vh[:rank]
 

@@ -339,11 +339,11 @@ def test_full_fine_tune_extraction_improves_as_energy_rises():
 
 # ---- dense helpers ----------------------------------------------------------------------------------------
 def test_trim_keeps_the_first_of_tied_entries_like_the_reference():
-    from lorakit.arithmetic.dense import trim
+    from lorakit.arithmetic.dense import trim_
 
     task = [1.0, -1.0, 1.0, 0.5, -1.0, 2.0, 0.0, -0.5]
     for density in (0.0, 0.25, 0.375, 0.5, 0.75, 1.0):
-        got = trim(torch.tensor(task, dtype=torch.float64).view(2, 4), density).flatten().tolist()
+        got = trim_(torch.tensor([task], dtype=torch.float64).view(1, 2, 4), density).flatten().tolist()
         assert got == reference_trim(task, density), density
 
 

@@ -10,22 +10,29 @@ mixes the A and B stacks separately (so its result holds cross terms B_i·A_j), 
 DoRA sources (arithmetic/dora.py): one alone with cat / untruncated linear gives an exact DoRA adapter; with
 dora_as_update=True each counts as its dense effective update W' - W and the result is a plain LoRA adapter
 of `rank`; anything else is refused, since no DoRA adapter holds it.
+Layers are independent: they run side by side on worker threads (arithmetic/workers.py), with a bound on the
+dense memory in flight; DARE's drops are still drawn in model order.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 from torch import nn
 
 from ..errors import LorakitError
+from ..layers.core import LoraLayer
 from ..state import get_state, lora_layers
 from . import dora
 from .build import add_from_updates, check_source
-from .dense import DENSE_METHODS, merge_dense
-from .factors import GramSpectrum, Update, chosen_rank, factored_svd, layer_update, numerical_rank
+from .dense import DENSE_METHODS, dare_keep_masks, merge_dense
+from .factors import (WORK_DTYPE, GramSpectrum, Update, chosen_rank, direction_update, factored_svd, layer_update,
+                      numerical_rank)
 from .report import LayerReport, RankReport
+from .workers import LayerJob, run_jobs, scratch
 
 METHODS = ("cat", "linear", *DENSE_METHODS)
 
@@ -40,6 +47,7 @@ def combine(model: nn.Module, weights: dict[str, float], method: str = "linear",
     `dora_as_update`: DoRA sources count as their effective update W' - W (dense), and the result is a
     plain LoRA adapter of `rank` (required for linear); without it DoRA sources are taken only where the
     result is exactly a DoRA adapter (one source, cat or untruncated linear).
+    Layers run on torch.get_num_threads() worker threads with torch at one thread meanwhile (arithmetic/workers.py).
     """
     _check_arguments(model, weights, method, name, rank, density)
     dora_sources = [a for a in weights if dora.is_dora(model, a)]
@@ -47,35 +55,71 @@ def combine(model: nn.Module, weights: dict[str, float], method: str = "linear",
     if dora_sources and not dora_as_update:
         return _one_dora_source(model, dora_sources[0], float(weights[dora_sources[0]]), method, name)
     generator = torch.Generator().manual_seed(seed)
-    updates: dict[str, Update] = {}
     report = RankReport(adapter=name, method=method + (" (DoRA sources as W' - W)" if dora_sources else ""))
+    jobs = _layer_jobs(model, weights, method, rank, density, set(dora_sources), generator)
+    layers = run_jobs(jobs)
+    report.layers = [layer_report for layer_report, _ in layers]
+    add_from_updates(model, name, {layer_report.module: update for layer_report, update in layers})
+    return report
+
+
+def _layer_jobs(model: nn.Module, weights: dict[str, float], method: str, rank: int | None, density: float | None,
+                dora_sources: set[str], generator: torch.Generator) -> Iterator[LayerJob]:
+    """One job per adapted layer, in model order; DARE's drops are drawn here, so in that order."""
     for module, layer in lora_layers(model):
         present = [(a, float(w)) for a, w in weights.items() if a in layer.lora_adapters]
         if not present:
             continue
         rank_before = sum(layer.lora_A[a].shape[0] for a, _ in present)  # fused parts: r each
-        parts = [(w, dora.effective_update(layer, a) if a in dora_sources else layer_update(layer, a, module))
-                 for a, w in present]
         if method == "cat" or (method == "linear" and not dora_sources):
+            parts = [(w, layer_update(layer, a, module)) for a, w in present]
             stacked = Update(torch.cat([w * u.B for w, u in parts], 1), torch.cat([u.A for _, u in parts], 0))
-            if method == "cat":
-                norm = math.sqrt(stacked.squared_norm())
-                report.layers.append(LayerReport(module, rank_before, rank_before, norm, 1.0))
-                updates[module] = stacked
-                continue
-            spectrum = factored_svd(stacked)
-            shape = (stacked.B.shape[0], stacked.A.shape[1])
-            keep = numerical_rank(spectrum, shape) if rank is None else chosen_rank(spectrum, rank, None)
-        else:
-            tasks = [w * (u if isinstance(u, torch.Tensor) else u.dense()) for w, u in parts]
-            merged = sum(tasks) if method == "linear" else merge_dense(tasks, method, density, generator)
-            spectrum = GramSpectrum.of(merged)
-            keep = chosen_rank(spectrum, rank or rank_before, None)
-        norm = float(spectrum.S.pow(2).sum().sqrt())
-        report.layers.append(LayerReport(module, rank_before, keep, norm, spectrum.kept_fraction(keep)))
-        updates[module] = spectrum.truncated(keep)
-    add_from_updates(model, name, updates)
-    return report
+            yield LayerJob(partial(_factored_layer, module, stacked, rank_before, method, rank), 0)
+            continue
+        directions = [direction_update(layer, a) if a in dora_sources else layer_update(layer, a, module)
+                      for a, _ in present]
+        shape = (directions[0].B.shape[0], directions[0].A.shape[1])
+        keep_masks = (dare_keep_masks(shape, len(present), density, generator) if method.startswith("dare") else None)
+        sources = [(w, partial(_write_effective_update, layer, a) if a in dora_sources
+                    else partial(_write_product, direction)) for (a, w), direction in zip(present, directions)]
+        nbytes = 8 * shape[0] * shape[1] * (len(present) + 3) + (0 if keep_masks is None else keep_masks.numel())
+        yield LayerJob(partial(_dense_layer, module, sources, shape, directions[0].B.device, rank_before, method, rank,
+                               density, keep_masks), nbytes)
+
+
+def _factored_layer(module: str, stacked: Update, rank_before: int, method: str,
+                    rank: int | None) -> tuple[LayerReport, Update]:
+    """cat (the stacked factors themselves) or linear (their exact SVD, cut to `rank` or to numerical rank)."""
+    if method == "cat":
+        return LayerReport(module, rank_before, rank_before, math.sqrt(stacked.squared_norm()), 1.0), stacked
+    spectrum = factored_svd(stacked)
+    shape = (stacked.B.shape[0], stacked.A.shape[1])
+    keep = numerical_rank(spectrum, shape) if rank is None else chosen_rank(spectrum, rank, None)
+    norm = float(spectrum.S.pow(2).sum().sqrt())
+    return LayerReport(module, rank_before, keep, norm, spectrum.kept_fraction(keep)), spectrum.truncated(keep)
+
+
+def _dense_layer(module: str, sources: list[tuple[float, Callable[[torch.Tensor], torch.Tensor]]],
+                 shape: tuple[int, int], device: torch.device, rank_before: int, method: str, rank: int | None,
+                 density: float | None, keep_masks: torch.Tensor | None) -> tuple[LayerReport, Update]:
+    """The dense methods (and linear over DoRA effective updates): Σ or merge of w_i·ΔW_i, then its top
+    `rank` directions (default: the inputs' total rank)."""
+    tasks = scratch("tasks", (len(sources), *shape), WORK_DTYPE, device)
+    for task, (weight, write) in zip(tasks, sources):
+        write(task).mul_(weight)
+    merged = tasks.sum(0) if method == "linear" else merge_dense(tasks, method, density, keep_masks)
+    spectrum = GramSpectrum.of(merged)
+    keep = chosen_rank(spectrum, rank or rank_before, None)
+    norm = float(spectrum.S.pow(2).sum().sqrt())
+    return LayerReport(module, rank_before, keep, norm, spectrum.kept_fraction(keep)), spectrum.truncated(keep)
+
+
+def _write_product(update: Update, out: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(update.B, update.A, out=out)
+
+
+def _write_effective_update(layer: LoraLayer, adapter: str, out: torch.Tensor) -> torch.Tensor:
+    return out.copy_(dora.effective_update(layer, adapter))
 
 
 def _one_dora_source(model: nn.Module, source: str, weight: float, method: str, name: str) -> RankReport:

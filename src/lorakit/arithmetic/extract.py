@@ -1,14 +1,16 @@
 """lk.extract: a LoRA adapter from the weight differences of a fully fine-tuned (or merged) model.
 
 ΔW = W_tuned - W_base is dense here, so each layer takes the spectrum of its (out, in) difference (GramSpectrum); the
-adapter keeps the top `rank` directions or the fewest holding `energy` of ||ΔW||_F². Changed parameters a
-LoRA pair cannot hold (biases, norms, layers outside the targets) are listed in the report, never dropped
-silently.
+adapter keeps the top `rank` directions or the fewest holding `energy` of ||ΔW||_F², layers side by side on
+worker threads (arithmetic/workers.py). Changed parameters a LoRA pair cannot hold (biases, norms, layers
+outside the targets) are listed in the report, never dropped silently.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +23,7 @@ from ..state import find_state, lora_layers
 from .build import add_from_updates
 from .factors import GramSpectrum, Update, check_target, chosen_rank
 from .report import LayerReport, RankReport
+from .workers import LayerJob, run_jobs
 
 
 def extract(base_model: nn.Module, tuned_model: nn.Module, rank: int | None = None, energy: float | None = None,
@@ -30,9 +33,21 @@ def extract(base_model: nn.Module, tuned_model: nn.Module, rank: int | None = No
     check_target(rank, energy)
     _check_models(base_model, tuned_model, name)
     targets = resolve_targets(base_model, target_modules)
-    tuned_modules = dict(base_modules(tuned_model))
-    updates: dict[str, Update] = {}
     report = RankReport(adapter=name, method=f"extract rank={rank}" if rank is not None else f"extract energy={energy}")
+    layers = [found for found in run_jobs(_layer_jobs(base_model, tuned_model, targets, rank, energy)) if found]
+    report.layers = [layer_report for layer_report, _ in layers]
+    updates = {layer_report.module: update for layer_report, update in layers}
+    if not updates:
+        raise LorakitError("the tuned model's target weights equal the base's: there is no difference to extract")
+    report.not_captured = _other_changes(base_model, tuned_model, set(updates))
+    add_from_updates(base_model, name, updates)
+    return report
+
+
+def _layer_jobs(base_model: nn.Module, tuned_model: nn.Module, targets: list[str] | str, rank: int | None,
+                energy: float | None) -> Iterator[LayerJob]:
+    """One job per target layer, in model order (layers run side by side, see arithmetic/workers.py)."""
+    tuned_modules = dict(base_modules(tuned_model))
     for module_name, module in adaptable_modules(base_model):
         if not name_matches(targets, module_name):
             continue
@@ -43,19 +58,19 @@ def extract(base_model: nn.Module, tuned_model: nn.Module, rank: int | None = No
         if before.shape != after.shape:
             raise LorakitError(f"{module_name}: base weight is {tuple(before.shape)} but the tuned one is "
                                f"{tuple(after.shape)}; the models are not the same architecture")
-        delta = after.detach().float() - before.detach().float()
-        if not delta.any():
-            continue
-        spectrum = GramSpectrum.of(delta.double())
-        keep = chosen_rank(spectrum, rank, energy)
-        norm = float(spectrum.S.pow(2).sum().sqrt())
-        report.layers.append(LayerReport(module_name, len(spectrum.S), keep, norm, spectrum.kept_fraction(keep)))
-        updates[module_name] = spectrum.truncated(keep)
-    if not updates:
-        raise LorakitError("the tuned model's target weights equal the base's: there is no difference to extract")
-    report.not_captured = _other_changes(base_model, tuned_model, set(updates))
-    add_from_updates(base_model, name, updates)
-    return report
+        yield LayerJob(partial(_extract_layer, module_name, before, after, rank, energy), 8 * before.numel() * 3)
+
+
+def _extract_layer(module_name: str, before: Tensor, after: Tensor, rank: int | None,
+                   energy: float | None) -> tuple[LayerReport, Update] | None:
+    """The kept directions of after - before (None where the weight did not change)."""
+    delta = after.detach().float() - before.detach().float()
+    if not delta.any():
+        return None
+    spectrum = GramSpectrum.of(delta.double())
+    keep = chosen_rank(spectrum, rank, energy)
+    norm = float(spectrum.S.pow(2).sum().sqrt())
+    return LayerReport(module_name, len(spectrum.S), keep, norm, spectrum.kept_fraction(keep)), spectrum.truncated(keep)
 
 
 def _check_models(base_model: nn.Module, tuned_model: nn.Module, name: str) -> None:
