@@ -64,6 +64,7 @@ def main(configs: list[str], run_config: Callable[[str, argparse.Namespace], dic
     if add_arguments:
         add_arguments(parser)
     args, passthrough = parser.parse_known_args()
+    passthrough = [*passthrough, *_own_options(args, add_arguments)]
     torch.set_num_threads(2)
     if args.config:
         print(json.dumps(run_config(args.config, args) | {"peak_rss_mb": peak_rss_mb()}))
@@ -80,6 +81,24 @@ def main(configs: list[str], run_config: Callable[[str, argparse.Namespace], dic
     print(f"# {sys.argv[0]} on {date.today()} ({machine()}); {time.perf_counter() - started:.0f} s wall, "
           f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     report(results)
+
+
+def _own_options(args: argparse.Namespace, add_arguments: Callable | None) -> list[str]:
+    """The script's own options (add_arguments) as given, for every configuration's process: parsed here, they
+    would otherwise reach the children as their defaults."""
+    if add_arguments is None:
+        return []
+    own = argparse.ArgumentParser(add_help=False)
+    add_arguments(own)
+    forwarded: list[str] = []
+    for action in own._actions:
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        flag = action.option_strings[-1]
+        values = value if isinstance(value, list) else [] if action.nargs == 0 else [value]
+        forwarded += [flag, *map(str, values)]
+    return forwarded
 
 
 def _run_one(name: str, passthrough: list[str]) -> dict:
