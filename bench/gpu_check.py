@@ -10,10 +10,12 @@ Checks (each must pass; the exit status is 1 if one fails), on a small Llama in 
 Measurements, side by side in one process (ms medians after warm-up, CUDA synchronized; peak = CUDA memory):
   lora_step    ~1B Llama-shaped model (random init from a config, bf16), AdamW: the frozen floor (forward +
                backward to the input embeddings), lorakit and PEFT with r=8 on q,v and r=16 on every linear
-  qlora_step   the same model: lorakit 16-bit LoRA, lorakit QLoRA (NF4, bf16 compute), PEFT + bitsandbytes QLoRA
-  dequantize   NF4 -> bf16 of an 8192 x 8192 weight (and quantize), lorakit vs bitsandbytes
+  qlora_step   the same model: lorakit 16-bit LoRA, lorakit QLoRA (NF4, bf16 compute; eager, then with the opt-in
+               compiled dequantize: Triton on CUDA), PEFT + bitsandbytes QLoRA
+  dequantize   NF4 -> bf16 of an 8192 x 8192 weight (and quantize), lorakit (eager, compiled) vs bitsandbytes
   decode       bench_route's decode64 (64 rows x 1 token on a 256-token static cache, 64 adapters): base, PEFT
-               adapter_names, lorakit route (auto) and route held over the steps
+               adapter_names, lorakit route (auto), the server's adapter bank (a new plan every step) and
+               route held over the steps
 The measurements stop at --budget seconds (default 420) and whatever finished is still printed and written.
 Models are random-init from configs: the GPU machine cannot download. `--device cpu --tiny` runs every part
 on tiny shapes on the CPU in seconds (tests/test_gpu_check.py runs it so the script cannot rot).
@@ -47,6 +49,10 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import lorakit as lk
+from lorakit.layers.adapter_bank import AdapterBank
+from lorakit.quant import compiled
+from lorakit.serve.batch import routed
+from lorakit.state import lora_layers
 
 CHECK_TOLERANCE = 1e-4  # float32 logits and gradients (relative to their scale)
 NO_CUDA = 2  # exit status when there is no GPU and --device cpu was not given
@@ -332,11 +338,18 @@ def measure_qlora_step(device: torch.device, sizes: Sizes, rows: list[dict]) -> 
         model = bench_core._adapt(model, "peft", ALL_LINEAR).train()
         return model, _train_step(model, ids)
 
-    for name, build in (("lorakit lora16", lora16), ("lorakit qlora", qlora), ("peft+bnb qlora", peft_bnb)):
+    def qlora_compiled() -> tuple[nn.Module, Callable[[], None]]:
+        model, step = qlora()
+        return model, bench_quant._compiled(step)
+
+    for name, build in (("lorakit lora16", lora16), ("lorakit qlora", qlora),
+                        ("lorakit qlora, compiled dequantize", qlora_compiled), ("peft+bnb qlora", peft_bnb)):
         rows.append(_step_row(name, build, device, sizes))
     times = {r["config"]: r["ms"] for r in rows}
     return {"qlora_x_lora16": times["lorakit qlora"] / times["lorakit lora16"],
-            "qlora_x_peft_bnb": times["lorakit qlora"] / times["peft+bnb qlora"]}
+            "qlora_x_peft_bnb": times["lorakit qlora"] / times["peft+bnb qlora"],
+            "compiled_qlora_x_peft_bnb": times["lorakit qlora, compiled dequantize"] / times["peft+bnb qlora"],
+            "compile_seconds": compiled.compile_seconds(), "compile_failure": compiled.failure()}
 
 
 def measure_dequantize(device: torch.device, sizes: Sizes, rows: list[dict]) -> dict:
@@ -354,6 +367,8 @@ def measure_dequantize(device: torch.device, sizes: Sizes, rows: list[dict]) -> 
         "quantize bf16": (lambda: lk.quant.quantize(w, "nf4", 64, double_quant=True),
                           lambda: BF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")),
         "dequantize -> bf16": (qt.dequantize, lambda: BF.dequantize_4bit(packed, state)),
+        "dequantize -> bf16, compiled": (bench_quant._compiled(qt.dequantize),
+                                         lambda: BF.dequantize_4bit(packed, state)),
     }
     for name, (ours, theirs) in pairs.items():
         a, b = bench_quant._paired_medians(synced(ours), synced(theirs), sizes.warmup, sizes.repeats)
@@ -376,13 +391,22 @@ def measure_decode(device: torch.device, sizes: Sizes, rows: list[dict]) -> dict
                 bench_route._save(model, shape, Path(folder))
                 theirs = bench_route._peft(lk.unload(model, merge=False), shape, Path(folder))
             return lambda: bench_route._forward(theirs, inputs, adapter_names=row_names)
+        if method == "lorakit bank":  # the server's path: persistent adapter tables, a new plan every step
+            bank = AdapterBank()
+            for name in shape.names():
+                bank.add((layer for _, layer in lora_layers(model)), name)
+
+            def step() -> torch.Tensor:
+                with routed(model, bank, row_names):
+                    return bench_route._forward(model, inputs)
+            return step
         if method == "lorakit held":
             lk.route(model, row_names).__enter__()  # held for the rest of this (discarded) model's life
             return lambda: bench_route._forward(model, inputs)
         call = bench_route._routed(model, row_names, "auto")
         return lambda: call(inputs)
 
-    for method in ("base", "peft", "lorakit route", "lorakit held"):
+    for method in ("base", "peft", "lorakit route", "lorakit bank", "lorakit held"):
         _fresh_peak(device)
         ms = _timed(build(method), device, sizes)
         rows.append({"config": method, "ms": ms, "tokens_per_s": shape.rows * shape.tokens / (ms / 1000),
@@ -392,7 +416,8 @@ def measure_decode(device: torch.device, sizes: Sizes, rows: list[dict]) -> dict
     return {"shape": f"{shape.rows} rows x {shape.tokens} token on a {shape.cache}-token static cache, "
                      f"{shape.adapters} adapters, r={shape.r} on {targets}",
             "lorakit_route_x_peft_time": times["lorakit route"] / times["peft"],
-            "lorakit_held_x_peft_time": times["lorakit held"] / times["peft"]}
+            "lorakit_held_x_peft_time": times["lorakit held"] / times["peft"],
+            "lorakit_bank_x_base_time": times["lorakit bank"] / times["base"]}
 
 
 MEASUREMENTS = {"lora_step": measure_lora_step, "qlora_step": measure_qlora_step, "dequantize": measure_dequantize,
