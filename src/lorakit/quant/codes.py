@@ -1,8 +1,8 @@
 """Code tables (NF4, FP4, the signed dynamic 8-bit map) and the lookup tables that make rounding to them fast.
 
 Every value here is computed with the same float32 operations bitsandbytes uses, so codes and
-statistics produced from them are byte-identical to bitsandbytes' output (CPU, and CUDA for the 8-bit
-pass with blockwise.search_dynamic_codes).
+statistics produced from them are byte-identical to bitsandbytes' CPU output (on CUDA the 8-bit pass
+rounds as its CUDA kernel does: blockwise.search_dynamic_codes).
 """
 
 from __future__ import annotations

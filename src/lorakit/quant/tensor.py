@@ -224,8 +224,8 @@ def check_config(quant_type: str, blocksize: int) -> None:
 def quantize(
     w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True
 ) -> QuantizedTensor:
-    """Quantize a float tensor to 4-bit NF4 or FP4, byte-identical to bitsandbytes' `quantize_4bit`
-    on the tensor's device (its CPU and CUDA kernels round the nested absmax differently: quantize_8bit).
+    """Quantize a float tensor to 4-bit NF4 or FP4, byte-identical to bitsandbytes' `quantize_4bit` on CPU;
+    on CUDA the nested absmax follow its CUDA kernel's rounding instead (quantize_8bit says why).
 
     With `double_quant`, the per-block absmax are themselves quantized to 8 bits in blocks of 256 around
     their mean (QLoRA's double quantization), saving about 0.37 bits per weight at blocksize 64.
