@@ -13,7 +13,7 @@ import torch
 
 from lorakit.errors import LorakitError
 from lorakit.quant import quantize
-from lorakit.quant.blockwise import quantize_8bit, search_dynamic_codes
+from lorakit.quant.blockwise import dequantize_8bit, quantize_8bit, search_dynamic_codes
 from lorakit.quant.codes import dynamic_map
 
 
@@ -87,5 +87,5 @@ def test_search_rounding_dequantizes_closer_on_a_weight():
     exact = w.float().abs().view(-1, 64).amax(1)
     offset = exact.mean()
     codes, nested = quantize_8bit(exact - offset, rounding="search")
-    searched = dynamic_map()[codes.long()] * nested.repeat_interleave(256)[: codes.numel()] + offset
+    searched = dequantize_8bit(codes, nested, dynamic_map()) + offset
     assert (searched - exact).abs().max() <= (absmax - exact).abs().max()

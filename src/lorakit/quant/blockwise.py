@@ -1,6 +1,7 @@
 """Blockwise quantization kernels in plain PyTorch: 4-bit codes with packing, and the 8-bit pass for absmax.
 
-Rounding follows bitsandbytes' kernel for the tensor's device exactly; steps.py splits the work on CPU.
+Rounding follows bitsandbytes' CPU kernel byte for byte, and its CUDA rounding for the 8-bit pass on CUDA;
+steps.py splits the work on CPU.
 """
 
 from __future__ import annotations
@@ -180,6 +181,14 @@ def search_dynamic_codes(scaled: torch.Tensor, code_map: torch.Tensor) -> torch.
     return code.to(torch.uint8)
 
 
+def _table_codes(scaled: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
+    """bitsandbytes' CPU rounding: the nearest of 65536 evenly spaced points of [-1, 1] picks the code."""
+    # 0 * (1 / 0) and 0 * (1 / subnormal) are NaN: the kernel stores code 0 for them, the code of -1.
+    scaled = torch.nan_to_num_(scaled, nan=-1.0).clamp_(-1.0, 1.0)
+    position = scaled.add_(1.0).mul_(0.5).mul_(LUT8_SIZE - 1).add_(0.5).to(torch.int32)
+    torch.index_select(table, 0, position.view(-1), out=out)
+
+
 def quantize_8bit(values: torch.Tensor, rounding: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic-map codes (uint8) and float32 absmax per 256 values, as bitsandbytes' quantize_blockwise.
 
@@ -196,8 +205,7 @@ def quantize_8bit(values: torch.Tensor, rounding: str | None = None) -> tuple[to
     padded[:n] = values
     codes = torch.empty(nblocks * NESTED_BLOCKSIZE, dtype=torch.uint8, device=values.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=values.device)
-    table = lut8(values.device)
-    code_map = dynamic_map(values.device)
+    lookup = lut8(values.device) if rounding == "table" else dynamic_map(values.device)
     per = blocks_per_step(nblocks, NESTED_BLOCKSIZE, values.device)
     steps = list(zip(padded.view(nblocks, NESTED_BLOCKSIZE).split(per), absmax.split(per),
                      codes.split(per * NESTED_BLOCKSIZE)))
@@ -207,12 +215,9 @@ def quantize_8bit(values: torch.Tensor, rounding: str | None = None) -> tuple[to
         torch.amax(x.abs(), 1, out=block_max)
         scaled = x * (1.0 / block_max)[:, None]
         if rounding == "search":
-            out.copy_(search_dynamic_codes(scaled.view(-1), code_map))
-            return
-        # 0 * (1 / 0) and 0 * (1 / subnormal) are NaN: the kernel stores code 0 for them, the code of -1.
-        scaled = torch.nan_to_num_(scaled, nan=-1.0).clamp_(-1.0, 1.0)
-        position = scaled.add_(1.0).mul_(0.5).mul_(LUT8_SIZE - 1).add_(0.5).to(torch.int32)
-        torch.index_select(table, 0, position.view(-1), out=out)
+            out.copy_(search_dynamic_codes(scaled.view(-1), lookup))
+        else:
+            _table_codes(scaled, lookup, out)
 
     run_steps(step, len(steps), values.device)
     return codes[:n], absmax
