@@ -7,10 +7,13 @@ when it is removed. A `BankedRoutePlan` turns a batch's adapter names into slot 
 and layer shape, and each layer adds its rows' terms from the tables (lorakit/layers/indexed_matmul.py):
 - one or two tokens per row (a decode step): `embedding_bag` reads each row's weights in place, no copy;
 - more tokens per row (a prompt): each row's weights are copied once and multiplied with all its tokens,
-  because bags would read them once per token (`BAG_TOKENS`);
+  because bags would read them once per token (`BAG_TOKENS`); without autograd the second matmul adds
+  straight into the layer's output, every row taking part (the empty slot 0 for rows the layer does not
+  adapt) unless fewer than half of them are routed;
 - a compute dtype other than the tables' (autocast) or one embedding_bag lacks: copied, then multiplied.
-Rows whose adapter the layer lacks (the base, or an adapter with other targets) are left out of both; the
-zero padding of smaller ranks adds exact zeros, so a row's output never depends on the other rows'.
+Rows whose adapter the layer lacks (the base, or an adapter with other targets) are left out or read the
+empty slot; that and the zero padding of smaller ranks add exact zeros, so a row's output never depends on
+the other rows'.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from torch import Tensor
 
 from ..errors import LorakitError
 from . import inplace_autograd
-from .indexed_matmul import BAG_DTYPES, bag_index, bag_lora, gathered_lora
+from .indexed_matmul import BAG_DTYPES, bag_index, bag_lora, gathered_lora, gathered_lora_into
 from .routing import RoutePlan, can_gather
 
 if TYPE_CHECKING:
@@ -125,9 +128,21 @@ class BankedRoutePlan(RoutePlan):
             y = bag_lora(x3.reshape(-1, x3.shape[-1]).to(dtype), A, B, a_bags, b_bags, routed)
             return _add_rows(out, None, y.view(self.rows, tokens, -1), self.rows)
         rows, slots = self.routed_rows(names, x.device)
+        if _accumulates_in_place(out, x, A) and (rows is None or 2 * len(rows) >= self.rows):
+            out3 = out.reshape(self.rows, -1, out.shape[-1])
+            gathered_lora_into(out3, x3, A, B, self.slot_per_row(names, x.device))
+            return out3.view(out.shape)
         if rows is not None:
             x3 = x3.index_select(0, rows)
         return _add_rows(out, rows, gathered_lora(x3, A, B, slots, dtype), self.rows)
+
+    def slot_per_row(self, names: tuple[str, ...], device: torch.device) -> Tensor:
+        """Every row's slot, the empty slot 0 (exact zeros) for rows whose adapter is not in `names`."""
+        key = ("all", names, device)
+        if key not in self._routed:
+            slots = [self.bank.slots[n] if n in names else 0 for n in self.names]
+            self._routed[key] = (None, torch.tensor(slots, device=device))
+        return self._routed[key][1]
 
     def routed_rows(self, names: tuple[str, ...], device: torch.device) -> tuple[Tensor | None, Tensor]:
         """(the rows whose adapter is in `names`, None when that is every row; their slots)."""
@@ -152,6 +167,12 @@ class BankedRoutePlan(RoutePlan):
             routed = None if bool(present.all()) else present.nonzero().view(-1)
             self._bags[key] = (bag_index(token_slots, fan_in), bag_index(token_slots, rank), routed)
         return self._bags[key]
+
+
+def _accumulates_in_place(out: Tensor, x: Tensor, table: Tensor) -> bool:
+    """Whether the terms can be added straight into `out` by the matmul (no autograd, one dtype, a plain
+    layout): that skips the separate term tensor and its scatter into the routed rows."""
+    return not torch.is_grad_enabled() and out.dtype == x.dtype == table.dtype and out.is_contiguous()
 
 
 def _add_rows(out: Tensor, rows: Tensor | None, y: Tensor, batch: int) -> Tensor:

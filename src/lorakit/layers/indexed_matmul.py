@@ -57,3 +57,10 @@ def gathered_lora(x: Tensor, A_table: Tensor, B_table: Tensor, slots: Tensor, dt
     A_rows = A_table.index_select(0, slots).to(dtype)
     B_rows = B_table.index_select(0, slots).to(dtype)
     return torch.bmm(torch.bmm(x.to(dtype), A_rows), B_rows)
+
+
+def gathered_lora_into(out: Tensor, x: Tensor, A_table: Tensor, B_table: Tensor, slots: Tensor) -> None:
+    """out (rows, tokens, out) += each row's term, x (rows, tokens, in), everything in the tables' dtype: the
+    second matmul accumulates into `out` itself. Rows with an empty slot add exact zeros."""
+    h = torch.bmm(x.to(A_table.dtype), A_table.index_select(0, slots))
+    out.baddbmm_(h, B_table.index_select(0, slots))
