@@ -26,6 +26,7 @@ END = "<!-- study: end -->"
 VERDICT_RULE = ("the difference of the means against twice its standard error over seeds, "
                 "2·sqrt(s_a²/n_a + s_b²/n_b) (about a 95% band; at least 2 seeds on each side)")
 MB = 2**20
+BOUND_MINUTES = 120  # the wall-time bound the study was asked to fit
 
 
 def accuracy_cell(results: Results, name: str) -> str:
@@ -131,7 +132,20 @@ def cost_lines(results: Results) -> list[str]:
             f"1-minute load average when they started: {sum(loads) / len(loads):.1f} on {results_cpus(results)} "
             "cores; at a load above the core count the wall times are this shared host's, not a quiet machine's.",
             "", "| runs of | runs | wall s per run | CPU s per run | wall minutes |", "|---|---|---|---|---|", *rows,
-            f"| **all** | | | **{cpu / 60:,.1f} CPU minutes** | **{wall / 60:,.1f}** |", ""]
+            f"| **all** | | | **{cpu / 60:,.1f} CPU minutes** | **{wall / 60:,.1f}** |", "",
+            *bound_lines(cpu, results_cpus(results))]
+
+
+def bound_lines(cpu_seconds: float, cores: str) -> list[str]:
+    """What the recorded CPU time implies for a whole run of the study on this host's cores: a lower bound of
+    its wall time (more runs can only add to it)."""
+    if not cores.isdigit():
+        return []
+    floor = cpu_seconds / 60 / int(cores)
+    verdict = (f", over the {BOUND_MINUTES // 60}-hour bound the study was asked to fit; run it in parts (every "
+               "command resumes where it stopped)") if floor > BOUND_MINUTES else ""
+    return [f"Even with every core busy and no other job, the CPU time recorded so far takes at least "
+            f"{floor:,.0f} minutes of wall time on {cores} cores{verdict}.", ""]
 
 
 def results_cpus(results: Results) -> str:

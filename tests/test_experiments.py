@@ -95,3 +95,11 @@ def test_memory_ratio_verdict():
     assert make_docs.ratio_verdict([3000.0, 3300.0], [1000.0, 1005.0], 3.0)[1] == "within noise"
     assert make_docs.ratio_verdict([2000.0, 2010.0], [1000.0, 1005.0], 3.0)[1] == "does not hold"
     assert make_docs.ratio_verdict([], [1000.0], 3.0)[1] == make_docs.NOT_RUN
+
+
+def test_the_wall_time_bound_is_judged_only_when_the_cpu_time_exceeds_it():
+    over = make_docs.bound_lines(2 * 60 * 121, "2")[0]  # 242 CPU minutes on 2 cores: at least 121 minutes
+    assert "at least 121 minutes" in over and "over the 2-hour bound" in over
+    under = make_docs.bound_lines(2 * 60 * 100, "2")[0]  # more runs could still take it over: no verdict
+    assert "at least 100 minutes" in under and "bound" not in under
+    assert make_docs.bound_lines(1000.0, "?") == []
