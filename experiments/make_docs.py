@@ -224,7 +224,7 @@ def table1(results: Results) -> list[str]:
     for config in study.METHODS:
         runs = finished(results, config.name)
         _, lr = picked_lr(results, config.method)
-        params = f"{runs[0]['trainable']:,} ({100 * runs[0]['trainable'] / runs[0]['total']:.2f}%)" if runs else "-"
+        params = params_cell(results, config, runs[0]) if runs else "-"
         timing = results.times.get(config.name)
         step = f"{timing['median_s']:.2f} ({timing['host']['load_average'][0]:.1f})" if timing else NOT_RUN
         peak = stat([r["peak_rss_mb"] for r in runs], scale=1.0, digits=0) if runs else NOT_RUN
@@ -235,6 +235,20 @@ def table1(results: Results) -> list[str]:
         lines.append(f"| {config.label} | {params} | {lr} | {accuracy_cell(results, config.name)} | {step} | "
                      f"{peak} | {shown} | {ckpt} |")
     return lines + [""]
+
+
+def params_cell(results: Results, config: study.Config, run: dict) -> str:
+    """Trainable parameters and their share of all parameters, counted on the 16-bit model: a quantized base
+    stores two 4-bit weights per byte element, so its own count would overstate the share about 4x (no share
+    is shown for it until a 16-bit adapter run gives the model's count)."""
+    total = run["total"]
+    if config.settings.get("quantize"):
+        dense = [r for c in study.METHODS if not c.settings.get("quantize") and not c.settings.get("full_finetune")
+                 for r in finished(results, c.name)]
+        if not dense:
+            return f"{run['trainable']:,}"
+        total = dense[0]["total"] - dense[0]["trainable"] + run["trainable"]
+    return f"{run['trainable']:,} ({100 * run['trainable'] / total:.2f}%)"
 
 
 def table2(results: Results) -> list[str]:
