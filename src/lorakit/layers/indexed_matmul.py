@@ -62,5 +62,5 @@ def gathered_lora(x: Tensor, A_table: Tensor, B_table: Tensor, slots: Tensor, dt
 def gathered_lora_into(out: Tensor, x: Tensor, A_table: Tensor, B_table: Tensor, slots: Tensor) -> None:
     """out (rows, tokens, out) += each row's term, x (rows, tokens, in), everything in the tables' dtype: the
     second matmul accumulates into `out` itself. Rows with an empty slot add exact zeros."""
-    h = torch.bmm(x.to(A_table.dtype), A_table.index_select(0, slots))
+    h = torch.bmm(x, A_table.index_select(0, slots))
     out.baddbmm_(h, B_table.index_select(0, slots))
