@@ -40,6 +40,7 @@ import torch
 from harness import main, table
 
 import lorakit as lk
+from lorakit.serve.server import engine_threads
 
 CONFIGS = ["base", "mixed1", "mixed8", "mixed32", "peft32", "registered200", "soak"]
 DEFAULT_RUN = ["base", "mixed1", "mixed8", "mixed32", "peft32", "registered200"]
@@ -62,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the server (1 on a busy host)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the server (default: as `lorakit serve` picks, cores - 1)")
     parser.add_argument("--soak", type=float, default=300, help="seconds of the soak configuration")
     parser.add_argument("--soak-clients", type=int, default=64)
     parser.add_argument("--load", help=argparse.SUPPRESS)  # internal: run the client load against this URL
@@ -204,7 +206,7 @@ def run_config(name: str, _: argparse.Namespace) -> dict:
     import psutil
 
     args = options()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(engine_threads(args.threads))
     torch.manual_seed(0)
     base, tok = build_base(args.model)
     base.eval()
@@ -227,7 +229,8 @@ def run_config(name: str, _: argparse.Namespace) -> dict:
         server.should_exit = True
         thread.join(30)
     return result | {"warmup_failed": warm["failed"], "rss_start_mb": rss_start / 2**20,
-                     "rss_growth_pct": 100 * (rss_end - rss_start) / rss_start, "adapters": ADAPTERS[name]}
+                     "rss_growth_pct": 100 * (rss_end - rss_start) / rss_start, "adapters": ADAPTERS[name],
+                     "server_threads": torch.get_num_threads()}
 
 
 def _load(url: str, models: list[str], clients: int, requests: int, seconds: float, args: argparse.Namespace,
@@ -301,11 +304,11 @@ def report(results: dict[str, dict]) -> None:
     peft = results.get("peft32", {}).get("tokens_per_s")
     rows = []
     for name, r in results.items():
-        rows.append([name, r["adapters"], r["ok"], r["failed"], f"{r['tokens_per_s']:.1f}",
+        rows.append([name, r["adapters"], r["server_threads"], r["ok"], r["failed"], f"{r['tokens_per_s']:.1f}",
                      f"{r['tokens_per_s'] / base:.2f}x" if base else "-", f"{r['tokens_per_s'] / peft:.2f}x" if peft else "-",
                      f"{r['ttft_p50_s']:.3f}", f"{r['latency_p50_s']:.3f}", f"{r['latency_p99_s']:.3f}",
                      f"{r['rss_start_mb']:.0f}", f"{r['rss_growth_pct']:+.1f}%"])
-    table(rows, ["config", "adapters", "ok", "failed", "tokens/s", "vs base", "vs peft32", "TTFT p50 s",
+    table(rows, ["config", "adapters", "threads", "ok", "failed", "tokens/s", "vs base", "vs peft32", "TTFT p50 s",
                  "latency p50 s", "p99 s", "RSS MB", "RSS growth"])
 
 

@@ -188,8 +188,14 @@ def test_nf4_base_with_adapters_matches_generate(setup, tmp_path):
 
     tok, base, folders = setup
     save_hf_folder(base, tok, tmp_path / "tiny")
-    options = ServeOptions(model=str(tmp_path / "tiny"), quantize="nf4", adapter={"b4": str(folders["b4"])})
-    engine = build_engine(options, log=lambda _: None)
+    options = ServeOptions(model=str(tmp_path / "tiny"), quantize="nf4", adapter={"b4": str(folders["b4"])},
+                           threads=1)
+    threads_before = torch.get_num_threads()
+    try:
+        engine = build_engine(options, log=lambda _: None)
+        assert torch.get_num_threads() == 1  # --threads reaches torch
+    finally:
+        torch.set_num_threads(threads_before)
     got = Collector()
     run(engine, [Request([1, 9, 12, 30], "b4", SamplingParams(8, temperature=0.0), got),
                  Request([1, 5], None, SamplingParams(8, temperature=0.0), Collector())])

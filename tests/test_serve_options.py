@@ -26,3 +26,17 @@ def test_unknown_keys_and_bad_adapters_are_named(tmp_path):
         serve_options(None, {"adapter": ["no-equals-sign"]})
     with pytest.raises(LorakitError, match="given twice"):
         serve_options(None, {"adapter": ["a=/x", "a=/y"]})
+
+
+def test_engine_threads_leave_a_core_for_the_http_side(tmp_path):
+    from lorakit.serve.server import engine_threads
+
+    assert [engine_threads(None, {}, cores=n) for n in (1, 2, 16)] == [1, 1, 15]
+    assert engine_threads(None, {"OMP_NUM_THREADS": "3"}, cores=2) == 3  # the user's setting wins
+    assert engine_threads(None, {"OMP_NUM_THREADS": ""}, cores=4) == 3
+    assert engine_threads(2, {"OMP_NUM_THREADS": "3"}, cores=2) == 2  # --threads wins over both
+    with pytest.raises(LorakitError, match="--threads 0"):
+        engine_threads(0)
+    config = tmp_path / "serve.yaml"
+    config.write_text("threads: 1\n")
+    assert serve_options(config, {}).threads == 1

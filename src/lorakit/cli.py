@@ -495,6 +495,7 @@ def serve(
     quantize: Optional[str] = typer.Option(None, help="keep the base in nf4 (or fp4)"),
     dtype: Optional[str] = typer.Option(None, help="fp32 (default) or bf16"),
     api_key: Optional[str] = typer.Option(None, help="require 'Authorization: Bearer KEY' on every endpoint"),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: OMP_NUM_THREADS, else cores - 1)"),
 ) -> None:
     """OpenAI-compatible server: the base model and every adapter, batched together (continuous batching)."""
     flags = {k: v for k, v in locals().items() if k != "config" and v not in (None, [])}

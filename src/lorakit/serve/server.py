@@ -5,6 +5,7 @@ to `drain_timeout` seconds, cancel the rest, exit with status 0)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +41,7 @@ class ServeOptions:
     dtype: str = "fp32"
     api_key: str | None = None
     drain_timeout: float = 30.0
+    threads: int | None = None  # torch threads of the engine; None: engine_threads() decides
 
     @property
     def base_name(self) -> str:
@@ -74,6 +76,7 @@ def build_engine(options: ServeOptions, log: Callable[[str], None] = print) -> E
     if options.quantize not in (None, "nf4", "fp4"):
         raise LorakitError(f"--quantize {options.quantize!r}: use nf4 or fp4")
     dtype = getattr(torch, DTYPES[options.dtype])
+    torch.set_num_threads(engine_threads(options.threads))
     model, tokenizer = load_base_model(options.model, dtype)
     if tokenizer is None:
         raise LorakitError(f"{options.model} has no tokenizer files; serving needs one beside the weights")
@@ -93,8 +96,32 @@ def build_engine(options: ServeOptions, log: Callable[[str], None] = print) -> E
         except LorakitError as exc:
             raise LorakitError(f"--adapter {name}={options.adapter[name]}: {exc}") from None
     log(f"base {options.base_name}; {len(registry.names())} adapters registered, {len(registry.loaded)} loaded "
-        f"(at most {options.max_adapters} at once)")
+        f"(at most {options.max_adapters} at once); {torch.get_num_threads()} torch threads")
     return engine
+
+
+def engine_threads(requested: int | None, environ: dict[str, str] | None = None,
+                   cores: int | None = None) -> int:
+    """Torch threads for the engine: as asked; else OMP_NUM_THREADS when the user set it; else one fewer than
+    the usable cores. The event loop, the tokenizer and local clients need a core of their own: on two cores,
+    many small two-thread operators lose more to a preempted thread than the second core gives (mixed-adapter
+    decoding 0.67x base-only with two threads, 0.91x with one; docs/serving.md)."""
+    if requested is not None:
+        if requested < 1:
+            raise LorakitError(f"--threads {requested}: use 1 or more")
+        return requested
+    environ = os.environ if environ is None else environ
+    if environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(environ["OMP_NUM_THREADS"]) >= 1:
+        return int(environ["OMP_NUM_THREADS"])
+    cores = cores if cores is not None else _usable_cores()
+    return max(1, cores - 1)
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one, as in containers with cpusets)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def run(options: ServeOptions, log: Callable[[str], None] = print) -> None:
