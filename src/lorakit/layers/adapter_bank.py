@@ -112,6 +112,7 @@ class BankedRoutePlan(RoutePlan):
         super().__init__(names_per_row, "gather")
         self.bank = bank
         self._routed: dict[tuple, tuple[Tensor | None, Tensor]] = {}
+        self._slots_per_row: dict[tuple, Tensor] = {}
         self._bags: dict[tuple, tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor | None]] = {}
 
     def wants_gather(self, layer: LoraLayer, names: tuple[str, ...]) -> bool:
@@ -138,11 +139,11 @@ class BankedRoutePlan(RoutePlan):
 
     def slot_per_row(self, names: tuple[str, ...], device: torch.device) -> Tensor:
         """Every row's slot, the empty slot 0 (exact zeros) for rows whose adapter is not in `names`."""
-        key = ("all", names, device)
-        if key not in self._routed:
+        key = (names, device)
+        if key not in self._slots_per_row:
             slots = [self.bank.slots[n] if n in names else 0 for n in self.names]
-            self._routed[key] = (None, torch.tensor(slots, device=device))
-        return self._routed[key][1]
+            self._slots_per_row[key] = torch.tensor(slots, device=device)
+        return self._slots_per_row[key]
 
     def routed_rows(self, names: tuple[str, ...], device: torch.device) -> tuple[Tensor | None, Tensor]:
         """(the rows whose adapter is in `names`, None when that is every row; their slots)."""
