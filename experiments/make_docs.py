@@ -317,15 +317,18 @@ def sweep_section(results: Results) -> list[str]:
     for config in study.METHODS:
         grid = study.LR_GRIDS[config.family]
         points = results.sweep.get(config.method, {})
-        cells = ", ".join(f"{lr:g}: {_sweep_cell(points.get(lr))}" for lr in grid)
+        cells = ", ".join(f"{lr:g}: {_accuracy_cell(points.get(lr))}" for lr in grid)
         lines.append(f"| {config.label} | {config.family} | {cells} | {picked_lr(results, config.method)[1]} |")
     return lines + [""]
 
 
-def _sweep_cell(result: dict | None) -> str:
-    if result is None:
+def _accuracy_cell(run: dict | None) -> str:
+    """One run's held-out accuracy in percent, or why there is none."""
+    if run is None:
         return NOT_RUN
-    return "diverged" if "diverged" in result else f"{100 * result['after']['accuracy']:.2f}"
+    if "diverged" in run or "accuracy" not in run.get("after", {}):
+        return "diverged"
+    return f"{100 * run['after']['accuracy']:.2f}"
 
 
 def diagnostics(results: Results) -> list[str]:
@@ -365,15 +368,9 @@ def seed_lines(results: Results) -> list[str]:
              "|---|" + "---|" * len(seeds)]
     for name in sorted(results.runs, key=lambda n: order.index(n) if n in order else len(order)):
         by_seed = {r["spec"]["seed"]: r for r in results.runs[name]}
-        cells = [_seed_cell(by_seed.get(seed)) for seed in seeds]
+        cells = [_accuracy_cell(by_seed.get(seed)) for seed in seeds]
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     return lines
-
-
-def _seed_cell(run: dict | None) -> str:
-    if run is None:
-        return NOT_RUN
-    return "diverged" if "accuracy" not in run["after"] else f"{100 * run['after']['accuracy']:.2f}"
 
 
 def _fifths(runs: list[dict]) -> tuple[float, float]:
