@@ -203,3 +203,25 @@ def test_nf4_base_with_adapters_matches_generate(setup, tmp_path):
     lk.quantize_model(reference, "nf4", compute_dtype=torch.float32)
     want = reference_greedy(reference, folders["b4"], [1, 9, 12, 30], 8, tok.eos_token_id)
     assert got.tokens == [t for t in want if t != tok.eos_token_id]
+
+
+def test_prefill_runs_the_output_head_as_one_matrix_multiply(setup):
+    """A frozen head fed a strided slice of the last positions becomes a batched multiply that reads the
+    whole (vocab x hidden) weight once per row; prefill hands it a contiguous gather instead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lorakit.serve.batch import RunningBatch
+
+    tok, base, folders = setup
+    engine = make_engine(base, tok, folders)
+    assert engine.registry.ensure_loaded("b4")
+    head = engine.model.get_output_embeddings()
+    assert not head.weight.requires_grad  # frozen by lk.inject, as in every served model
+    vocab = head.weight.shape[0]
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        RunningBatch.prefill(engine.model, engine.registry.bank, prompts, ["b4", None, "b4"])
+    head_calls = [e for e in prof.events() if e.name in ("aten::mm", "aten::bmm")
+                  and any(vocab in shape for shape in e.input_shapes if shape)]
+    assert [e.name for e in head_calls] == ["aten::mm"]
+    assert head_calls[0].input_shapes[0] == [len(prompts), head.weight.shape[1]]

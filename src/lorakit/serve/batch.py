@@ -44,9 +44,13 @@ class RunningBatch:
             mask[i, length - len(prompt):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=model.config)
+        # The last position by index, not by slice: a gathered copy is contiguous, so the output head is one
+        # matrix multiply. A strided slice into a frozen head is a batched one that reads the whole
+        # (vocab x hidden) weight once per row, about 6x slower for 32 rows on one thread.
+        last = torch.tensor([length - 1], device=device)
         with routed(model, bank, adapters):
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1)
+                        use_cache=True, logits_to_keep=last)
         return cls(out.past_key_values, mask, mask.sum(-1), list(adapters)), out.logits[:, -1]
 
     def decode(self, model: nn.Module, bank: AdapterBank, tokens: Tensor) -> Tensor:
