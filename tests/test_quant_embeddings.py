@@ -189,3 +189,14 @@ def test_cli_train_takes_quantize_embeddings_only_with_quantize():
     result = CliRunner().invoke(app, ["train", "--quantize-embeddings", "int8", "--dry-run"])
     assert result.exit_code != 0 and isinstance(result.exception, LorakitError)
     assert "add --quantize nf4" in str(result.exception)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_count_parameters_counts_quantized_weights_as_the_dense_ones(tied):
+    """A QLoRA model reports the same total (and trainable share) as the same model unquantized."""
+    config = lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    dense = lk.inject(_llama(tied), config)
+    quantized = lk.inject(_quantized(tied, "nf4"), config)
+    assert lk.count_parameters(quantized) == lk.count_parameters(dense)
+    trainable, total = lk.count_parameters(dense)
+    assert 0 < trainable < total

@@ -176,9 +176,12 @@ def unload(model: nn.Module, merge: bool = True, dequantize: bool = False) -> nn
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared tensors count once."""
+    """(trainable, total) parameter counts; shared tensors count once. A frozen weight stored as quantized
+    codes (a buffer, not a parameter) counts as the dense weight it stands for, so a QLoRA model reports
+    the same total, and trainable share, as the same model in 16 bits."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    quantized = sum(getattr(module, "quantized_numel", 0) for module in model.modules())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
 
 def check_mergeable(model: nn.Module, skip: set[str] = frozenset()) -> None:

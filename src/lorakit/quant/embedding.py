@@ -95,6 +95,12 @@ class QuantTable(nn.Module):
                                self._buffers.get("nested_quant_map"), self.nested_offset)
 
     @property
+    def quantized_numel(self) -> int:
+        """Elements of the dense table stored here (lk.count_parameters counts them); none for a head that
+        reads a tied embedding's table."""
+        return self.rows * self.cols if getattr(self, "table", self) is self else 0
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._buffers.values() if t is not None)
 

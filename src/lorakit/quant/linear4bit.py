@@ -172,6 +172,11 @@ class Linear4bit(nn.Module):
         return self.nested_absmax is not None
 
     @property
+    def quantized_numel(self) -> int:
+        """Elements of the dense weight these codes stand for (lk.count_parameters counts them)."""
+        return self.in_features * self.out_features
+
+    @property
     def quantized_weight(self) -> QuantizedTensor:
         """The weight as a QuantizedTensor sharing this module's buffers."""
         return self._layout().build(*(getattr(self, name) for name in _TENSORS))
