@@ -1,7 +1,9 @@
 """The main job end to end: `lorakit train` against a plain PEFT + transformers Trainer script on the demo.
 
 Both fine-tune the embedded default (SmolLM2-135M-Instruct) on the movie-review sentences: LoRA r=8,
-alpha 16 on q_proj and v_proj, 60 steps x 16, lr 2e-3, 6% warmup then cosine, bf16 autocast. Each run is
+alpha 16 on q_proj and v_proj, 60 steps x 16, lr 2e-3, 6% warmup then cosine, in the precision the demo's
+"auto" picks on this machine (bf16 autocast where the CPU computes bf16 natively, float32 elsewhere, where
+emulated bf16 would make both sides many times slower), the same on both sides. Each run is
 its own process, the two interleaved over --rounds. The lorakit side calls run_job, exactly what `lorakit
 train` runs; the PEFT side is written as PEFT's and transformers' docs show (tokenizer padding on the
 right, DataCollatorForSeq2Seq, the Trainer's own loop) and shares nothing with lorakit but the sentences.
@@ -9,7 +11,7 @@ Reported per side (median over rounds): training wall seconds (the trainer's own
 TrainResult.seconds, the Trainer's train_runtime), non-padding tokens per second, peak RSS of the process,
 held-out accuracy (which of " positive" / " negative" the model ranks higher after each prompt), and
 model-FLOPs utilisation: 4 x non-embedding parameters x tokens/s (forward plus the input-gradient
-backward) over the bf16 matmul peak measured here on the model's own shapes.
+backward) over the matmul peak measured here in that precision on the model's own shapes.
 `--sides lorakit lorakit_padded peft_trainer` adds lorakit with packing off (batches padded to their
 longest example, as before packing), to show what packing saves within the same interleaved run.
 Run: python bench/bench_job.py [--rounds 2]      smoke: --steps 2 --batch-size 4 --eval-size 16 --rounds 1
@@ -33,12 +35,20 @@ TOKENS_FOR_PEAK = 2048  # rows of the matmuls that measure the peak: a demo step
 SIDES = ("lorakit", "lorakit_padded", "peft_trainer")
 
 
+def compute_dtype() -> torch.dtype:
+    """What the demo's precision "auto" trains in on this machine (bf16, or float32 without fast bf16)."""
+    from lorakit.train.loop import amp_dtype
+
+    return amp_dtype("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu")) or torch.float32
+
+
 def matmul_peak_tflops(hidden: int, intermediate: int, repeats: int = 5) -> float:
-    """Best bf16 TFLOP/s of torch.mm on the model's shapes (tokens x hidden times hidden x width)."""
+    """Best TFLOP/s of torch.mm in compute_dtype() on the model's shapes (tokens x hidden times hidden x width)."""
     best = 0.0
+    dtype = compute_dtype()
     for k, n in ((hidden, hidden), (hidden, intermediate), (intermediate, hidden)):
-        a = torch.randn(TOKENS_FOR_PEAK, k, dtype=torch.bfloat16)
-        b = torch.randn(k, n, dtype=torch.bfloat16)
+        a = torch.randn(TOKENS_FOR_PEAK, k, dtype=dtype)
+        b = torch.randn(k, n, dtype=dtype)
         torch.mm(a, b)
         for _ in range(repeats):
             start = time.perf_counter()
@@ -113,7 +123,7 @@ def run_peft_trainer(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(output_dir=out, per_device_train_batch_size=args.batch_size or 16,
                                      max_steps=args.steps or 60, learning_rate=2e-3, warmup_steps=0.06,
-                                     lr_scheduler_type="cosine", weight_decay=0.0, bf16=True,
+                                     lr_scheduler_type="cosine", weight_decay=0.0, bf16=compute_dtype() == torch.bfloat16,
                                      use_cpu=not torch.cuda.is_available(), logging_steps=10, save_strategy="no",
                                      report_to=[], seed=0, dataloader_num_workers=0)
         trainer = Trainer(model=model, args=training, train_dataset=dataset, data_collator=counting_collator)
@@ -134,7 +144,7 @@ def _accuracy(model: torch.nn.Module, tokenizer, examples: list) -> float:
     for start in range(0, len(examples), 32):
         chunk = examples[start:start + 32]
         batch = tokenizer([e.prompt for e in chunk], return_tensors="pt", padding=True).to(model.device)
-        with torch.autocast(model.device.type, torch.bfloat16):
+        with torch.autocast(model.device.type, torch.bfloat16, enabled=compute_dtype() == torch.bfloat16):
             logits = model(**batch).logits[:, -1, candidates]
         right += sum(answers[i] == e.answer for i, e in zip(logits.argmax(-1).tolist(), chunk))
     return right / len(examples)
@@ -166,7 +176,7 @@ def report(runs: dict[str, list[dict]], peaks: list[float]) -> None:
         rows.append([side, ", ".join(f"{r['seconds']:.1f}" for r in found), f"{run['seconds']:.1f}",
                      f"{tokens_per_s:,.0f}", f"{run['peak_rss_mb']:,.0f}", f"{run['accuracy']:.4f}",
                      f"{100 * mfu:.1f}%"])
-    print(f"bf16 matmul peak on the model's shapes: {peak:.3g} TFLOP/s (runs: "
+    print(f"{compute_dtype()} matmul peak on the model's shapes: {peak:.3g} TFLOP/s (runs: "
           f"{', '.join(f'{p:.3g}' for p in peaks)})")
     table(rows, ["side", "training s per round", "median s", "tokens/s", "peak RSS MB", "accuracy", "MFU"])
     ours, theirs = medians["lorakit"], medians["peft_trainer"]
