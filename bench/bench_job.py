@@ -123,7 +123,8 @@ def run_peft_trainer(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(output_dir=out, per_device_train_batch_size=args.batch_size or 16,
                                      max_steps=args.steps or 60, learning_rate=2e-3, warmup_steps=0.06,
-                                     lr_scheduler_type="cosine", weight_decay=0.0, bf16=compute_dtype() == torch.bfloat16,
+                                     lr_scheduler_type="cosine", weight_decay=0.0,
+                                     bf16=compute_dtype() == torch.bfloat16,
                                      use_cpu=not torch.cuda.is_available(), logging_steps=10, save_strategy="no",
                                      report_to=[], seed=0, dataloader_num_workers=0)
         trainer = Trainer(model=model, args=training, train_dataset=dataset, data_collator=counting_collator)

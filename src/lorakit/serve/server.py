@@ -104,8 +104,8 @@ def engine_threads(requested: int | None, environ: dict[str, str] | None = None,
                    cores: int | None = None) -> int:
     """Torch threads for the engine: as asked; else OMP_NUM_THREADS when the user set it; else one fewer than
     the usable cores. The event loop, the tokenizer and local clients need a core of their own: on two cores,
-    many small two-thread operators lose more to a preempted thread than the second core gives (mixed-adapter
-    decoding 0.67x base-only with two threads, 0.91x with one; docs/serving.md)."""
+    many small two-thread operators lose more to a preempted thread than the second core gives (requests
+    over 32 adapters: 58.4 tokens/s with two threads, 74.1 with one; docs/serving.md)."""
     if requested is not None:
         if requested < 1:
             raise LorakitError(f"--threads {requested}: use 1 or more")
