@@ -141,11 +141,11 @@ def _accuracy(model: torch.nn.Module, tokenizer, examples: list) -> float:
     tokenizer.padding_side = "left"  # the last position is each prompt's end
     answers = sorted({e.answer for e in examples} | {" positive", " negative"})
     candidates = [tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in answers]
-    right = 0
+    right, bf16 = 0, compute_dtype() == torch.bfloat16
     for start in range(0, len(examples), 32):
         chunk = examples[start:start + 32]
         batch = tokenizer([e.prompt for e in chunk], return_tensors="pt", padding=True).to(model.device)
-        with torch.autocast(model.device.type, torch.bfloat16, enabled=compute_dtype() == torch.bfloat16):
+        with torch.autocast(model.device.type, torch.bfloat16, enabled=bf16):
             logits = model(**batch).logits[:, -1, candidates]
         right += sum(answers[i] == e.answer for i, e in zip(logits.argmax(-1).tolist(), chunk))
     return right / len(examples)
