@@ -29,17 +29,10 @@ import tempfile
 import time
 
 import torch
-from harness import machine, table
+from harness import compute_dtype, machine, table
 
 TOKENS_FOR_PEAK = 2048  # rows of the matmuls that measure the peak: a demo step's 16 x 40-odd tokens, rounded up
 SIDES = ("lorakit", "lorakit_padded", "peft_trainer")
-
-
-def compute_dtype() -> torch.dtype:
-    """What the demo's precision "auto" trains in on this machine (bf16, or float32 without fast bf16)."""
-    from lorakit.train.loop import amp_dtype
-
-    return amp_dtype("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu")) or torch.float32
 
 
 def matmul_peak_tflops(hidden: int, intermediate: int, repeats: int = 5) -> float:

@@ -1,14 +1,16 @@
 """4-bit NF4 (blocksize 64, double quantization) on CPU, 2 threads: lorakit vs bitsandbytes in one process.
 
 Times quantize and dequantize of a 4096x4096 weight (float32 and bfloat16) and a 4-bit linear layer
-(4096 -> 4096, bfloat16 compute, input 8 x 128 x 4096): inference forward (eval, no_grad), training
+(4096 -> 4096, input 8 x 128 x 4096, computing in --dtype: by default bfloat16 where the CPU has it natively,
+float32 where bfloat16 would be emulated): inference forward (eval, no_grad), training
 forward (input requires grad) and forward + backward. Each row alternates the libraries call by call
 so both see the same machine load; it prints median milliseconds after warm-up and the ratio
 lorakit / bitsandbytes (below 1: lorakit is faster), plus whether the results agree. lorakit's
 dequantize runs its default (eager) kernels and, in the "compiled" rows, alternated in the same loop,
 the opt-in kernel torch.compile generates (quant/compiled.py; the header gives its compile seconds). lorakit puts large dequantized outputs
 on transparent huge pages; --no-huge-pages shows the decode without that.
-Run: python bench/bench_quant.py [--no-huge-pages]   (about 1-2 minutes)
+Run: python bench/bench_quant.py [--no-huge-pages] [--dtype bfloat16|float32]   (about 1-2 minutes with a native
+compute dtype; emulated bfloat16 takes more than half an hour)
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from datetime import date
 import bitsandbytes as bnb
 import bitsandbytes.functional as BF
 import torch
-from harness import machine, table
+from harness import add_dtype_argument, compute_dtype, machine, table
 from torch import nn
 
 from lorakit.quant import Linear4bit, compiled, pages, quantize
@@ -95,17 +97,18 @@ def tensor_rows(args) -> list[list[str]]:
 def linear_rows(args) -> list[list[str]]:
     torch.manual_seed(0)
     linear = nn.Linear(args.size, args.size, bias=False)
-    ours = Linear4bit.from_linear(linear, "nf4", torch.bfloat16, 64, double_quant=True)
+    dtype = compute_dtype(args.dtype)
+    ours = Linear4bit.from_linear(linear, "nf4", dtype, 64, double_quant=True)
 
     def bnb_layer():
-        layer = bnb.nn.Linear4bit(args.size, args.size, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        layer = bnb.nn.Linear4bit(args.size, args.size, bias=False, compute_dtype=dtype, quant_type="nf4")
         layer.load_state_dict(linear.state_dict())
         return layer.to("cpu")
 
     # Two bitsandbytes layers: its first eval + no_grad forward on CPU repacks the weight for inference,
     # after which that layer no longer passes gradients to its input.
     theirs, theirs_training = bnb_layer(), bnb_layer()
-    x = torch.randn(args.batch, args.seq, args.size, dtype=torch.bfloat16)
+    x = torch.randn(args.batch, args.seq, args.size, dtype=dtype)
     rows = []
 
     def infer(layer):
@@ -160,6 +163,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-huge-pages", action="store_true",
                         help="leave lorakit's dequantized outputs on ordinary pages, as bitsandbytes' are")
+    add_dtype_argument(parser)
     args = parser.parse_args()
     if args.no_huge_pages:
         pages.MIN_BYTES = sys.maxsize
@@ -170,7 +174,7 @@ def main() -> None:
           f"load average {load:.2f} -> {os.getloadavg()[0]:.2f}; transparent huge pages: {_huge_pages()}"
           f"{', not used' if args.no_huge_pages else ''})")
     print(f"# NF4, blocksize 64, double quantization; weight {args.size}x{args.size}; linear input "
-          f"{args.batch}x{args.seq}x{args.size} bf16; median of {args.repeats} after {args.warmup} warm-up calls")
+          f"{args.batch}x{args.seq}x{args.size} {compute_dtype(args.dtype)}; median of {args.repeats} after {args.warmup} warm-up calls")
     seconds = ", ".join(f"{key}: {s:.1f} s" for key, s in compiled.compile_seconds().items())
     print(f"# compiled dequantize: {'failed, eager used: ' + compiled.failure() if compiled.failure() else seconds} "
           "(first call of each kernel in this process; Inductor's disk cache may have held it from an earlier one)")

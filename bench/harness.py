@@ -40,6 +40,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def compute_dtype(choice: str = "auto") -> torch.dtype:
+    """The compute dtype for `choice`; "auto" is what the demo's precision "auto" trains in on this machine
+    (bfloat16, or float32 where bfloat16 would be emulated: CPUs without AVX512-BF16 or AMX)."""
+    if choice != "auto":
+        return DTYPES[choice]
+    from lorakit.train.loop import amp_dtype
+
+    return amp_dtype("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu")) or torch.float32
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                        help="compute dtype; auto: bfloat16 where the hardware computes it natively, else float32")
+
+
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 

@@ -74,6 +74,7 @@ def test_step_splitting_does_not_change_results(monkeypatch, step):
     expected = quantize(w)
     monkeypatch.setattr(steps, "CPU_STEP", step)
     monkeypatch.setattr(blockwise, "DECODE_STEP_BYTES", 4 * step)
+    monkeypatch.setattr(blockwise, "WHOLE_PASS_BYTES", 0)  # the threaded steps, not the one-pass decode
     monkeypatch.setattr(steps, "MIN_STEPS_PER_THREAD", 1)
     qt = quantize(w)
     for name in ("packed", "absmax", "nested_absmax"):
