@@ -1,6 +1,7 @@
 """4-bit NF4 (blocksize 64, double quantization) on CPU, 2 threads: lorakit vs bitsandbytes in one process.
 
-Times quantize and dequantize of a 4096x4096 weight (float32 and bfloat16) and a 4-bit linear layer
+Times quantize and dequantize of a 4096x4096 weight (float32 and bfloat16), dequantize of the weight shapes of
+small models (--model-shapes: SmolLM2-135M's 576 and 1536, bench_qlora's 768 and 2048), and a 4-bit linear layer
 (4096 -> 4096, input 8 x 128 x 4096, computing in --dtype: by default bfloat16 where the CPU has it natively,
 float32 where bfloat16 would be emulated): inference forward (eval, no_grad), training
 forward (input requires grad) and forward + backward. Each row alternates the libraries call by call
@@ -94,6 +95,23 @@ def tensor_rows(args) -> list[list[str]]:
     return rows
 
 
+def model_shape_rows(args) -> list[list[str]]:
+    """Eager dequantize of the weight shapes of small models, where per-call overhead weighs more than at 4096."""
+    rows = []
+    for shape in args.model_shapes:
+        out_features, in_features = map(int, shape.split("x"))
+        torch.manual_seed(0)
+        for dtype in (torch.float32, torch.bfloat16):
+            w = (torch.randn(out_features, in_features) * 0.02).to(dtype)
+            qt = quantize(w, "nf4", 64, double_quant=True)
+            packed, state = BF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+            ours, theirs = _paired_medians(qt.dequantize, lambda: BF.dequantize_4bit(packed, state), args.warmup,
+                                           max(args.repeats, 50))
+            rows.append([f"dequantize {shape} -> {str(dtype).removeprefix('torch.')}", ours, theirs,
+                         _same(qt.dequantize(), BF.dequantize_4bit(packed, state))])
+    return rows
+
+
 def linear_rows(args) -> list[list[str]]:
     torch.manual_seed(0)
     linear = nn.Linear(args.size, args.size, bias=False)
@@ -156,6 +174,9 @@ def _huge_pages() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096, help="weight is size x size")
+    parser.add_argument("--model-shapes", nargs="*", default=["576x576", "1536x576", "768x768", "2048x768",
+                                                                 "2048x2048"],
+                        help="out x in weights whose dequantize is also timed (at least 50 calls each)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2)
@@ -169,7 +190,7 @@ def main() -> None:
         pages.MIN_BYTES = sys.maxsize
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
-    rows = tensor_rows(args) + linear_rows(args)
+    rows = tensor_rows(args) + model_shape_rows(args) + linear_rows(args)
     print(f"# bench/bench_quant.py on {date.today()} ({machine()}, bitsandbytes {bnb.__version__}; "
           f"load average {load:.2f} -> {os.getloadavg()[0]:.2f}; transparent huge pages: {_huge_pages()}"
           f"{', not used' if args.no_huge_pages else ''})")

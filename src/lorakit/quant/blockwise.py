@@ -243,10 +243,17 @@ def dequantize_8bit(codes: torch.Tensor, absmax: torch.Tensor, code_map: torch.T
     """code_map[code] * absmax[block] in float32 (blocks of 256)."""
     n = codes.numel()
     nblocks = -(-n // NESTED_BLOCKSIZE)
-    out = torch.empty(nblocks * NESTED_BLOCKSIZE, dtype=torch.float32, device=codes.device)
-    padded = codes if n == out.numel() else torch.cat([codes, codes.new_zeros(out.numel() - n)])
     code_map = code_map.to(torch.float32)
     per = blocks_per_step(nblocks, NESTED_BLOCKSIZE, codes.device)
+    if nblocks <= per:  # one step: a few whole-tensor ops, no padding (this runs in every small dequantize)
+        out = torch.index_select(code_map, 0, codes.to(torch.int32))
+        full = n // NESTED_BLOCKSIZE
+        out[: full * NESTED_BLOCKSIZE].view(full, NESTED_BLOCKSIZE).mul_(absmax[:full, None])
+        if full < nblocks:
+            out[full * NESTED_BLOCKSIZE :].mul_(absmax[full])
+        return out
+    out = torch.empty(nblocks * NESTED_BLOCKSIZE, dtype=torch.float32, device=codes.device)
+    padded = codes if n == out.numel() else torch.cat([codes, codes.new_zeros(out.numel() - n)])
     steps = list(zip(padded.split(per * NESTED_BLOCKSIZE), out.view(nblocks, NESTED_BLOCKSIZE).split(per),
                      absmax[:, None].split(per)))
 
