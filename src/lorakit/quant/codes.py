@@ -110,10 +110,12 @@ def lut8(device: torch.device) -> torch.Tensor:
 def pair_table(quant_map: torch.Tensor) -> torch.Tensor:
     """For each byte, its two decoded float32 values (high nibble first) stored as one int64.
 
-    One gather of 8-byte words decodes two codes at once; int64 keeps the copy bit-exact. On CPU the table
-    is cached by the map's values: building it took a tenth of a small weight's dequantize. Read only.
+    One gather of 8-byte words decodes two codes at once; int64 keeps the copy bit-exact. For a plain CPU
+    tensor the table is cached by the map's values: building it took a tenth of a small weight's
+    dequantize. Subclasses (the fake tensors of memory estimates among them) have no values to read.
+    Read only.
     """
-    if quant_map.device.type == "cpu":
+    if quant_map.device.type == "cpu" and type(quant_map) is torch.Tensor:
         return _cached_pair_table(tuple(quant_map.to(torch.float32).tolist()))
     return _build_pair_table(quant_map)
 
