@@ -132,6 +132,23 @@ def test_packed_loss_and_gradients_equal_padded(build):
         assert grads_padded[name].abs().sum() > 0, name
 
 
+def test_padded_loss_runs_the_output_head_as_one_matrix_multiply():
+    """tail_logits asks for the kept positions by index: as a strided slice, the frozen head would run as a
+    batched multiply that reads the whole (vocab x hidden) weight once per row."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _llama()
+    head = model.get_output_embeddings()
+    assert not head.weight.requires_grad  # frozen by lk.inject
+    batch = collate(_examples([7, 5, 9], prompt=3), PAD, padding_side="left")
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss, count = causal_lm_loss(model, batch)
+    head_calls = [e for e in prof.events() if e.name in ("aten::mm", "aten::bmm")
+                  and any(VOCAB in shape for shape in e.input_shapes if shape)]
+    assert [e.name for e in head_calls] == ["aten::mm"]
+    assert count == int((shifted_targets(batch) != IGNORE_INDEX).sum()) and torch.isfinite(loss)
+
+
 def test_probe_refuses_a_model_that_lets_packed_sequences_meet():
     examples = _examples([6, 4, 5])
     assert packing_problem(_llama(), examples, PAD) is None

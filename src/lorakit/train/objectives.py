@@ -98,20 +98,12 @@ def tail_logits(model: nn.Module, input_ids: Tensor, mask: Tensor, n: int) -> Te
         kwargs["use_cache"] = False  # one pass: a KV cache would only hold memory
     if "logits_to_keep" not in accepted:
         return model(**kwargs).logits[:, -n:]
-    kwargs["logits_to_keep"] = n
-    head = _unwrap(model).get_output_embeddings()
-    hook = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
-    try:
-        return model(**kwargs).logits[:, -n:]
-    finally:
-        if hook is not None:
-            hook.remove()
-
-
-def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
-    """The kept positions arrive as a strided slice; contiguous, the head is one matrix multiply instead
-    of a batched one that reads the whole (vocab x hidden) weight once per row."""
-    return (args[0].contiguous(), *args[1:])
+    # Positions by index, not a count: transformers slices a count as a strided view, and the frozen head
+    # then runs as a batched matmul that reads the whole (vocab x hidden) weight once per row; an index
+    # gathers the positions into a contiguous tensor, and the head is one matrix multiply.
+    width = input_ids.shape[1]
+    kwargs["logits_to_keep"] = torch.arange(max(width - n, 0), width, device=input_ids.device)
+    return model(**kwargs).logits
 
 
 @torch.no_grad()
