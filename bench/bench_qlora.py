@@ -110,7 +110,8 @@ def interleaved(args: argparse.Namespace) -> None:
     """Every configuration in this one process, one step of each in turn, so a loaded machine's drift hits all
     alike (no per-configuration memory figures: the models share the process)."""
     torch.set_num_threads(2)
-    built = {name: _build(name, compute_dtype(args.dtype)) for name in ("lorakit_lora16", "lorakit_qlora", "peft_bnb_qlora")}
+    dtype = compute_dtype(args.dtype)
+    built = {name: _build(name, dtype) for name in ("lorakit_lora16", "lorakit_qlora", "peft_bnb_qlora")}
     setups = {name: built["lorakit_qlora" if name.startswith("lorakit_qlora") else name] for name in CONFIGS}
     times: dict[str, list[float]] = {name: [] for name in CONFIGS}
     for round_ in range(args.repeats + 1):  # round 0: warm-up (and the compile)
@@ -122,7 +123,7 @@ def interleaved(args: argparse.Namespace) -> None:
             if round_:
                 times[name].append(time.perf_counter() - start)
     print(f"# bench/bench_qlora.py --interleaved on {date.today()} ({machine()}); 1-min load average "
-          f"{os.getloadavg()[0]:.1f} at the end; {compute_dtype(args.dtype)}; median of {args.repeats} steps each, taken in turn; "
+          f"{os.getloadavg()[0]:.1f} at the end; {dtype}; median of {args.repeats} steps each, taken in turn; "
           f"compile seconds {lk.quant.compiled.compile_seconds()}")
     median = {name: statistics.median(t) for name, t in times.items()}
     table([[name, f"{median[name] * 1000:.0f}", f"{median[name] / median['lorakit_lora16']:.2f}",

@@ -195,7 +195,8 @@ def main() -> None:
           f"load average {load:.2f} -> {os.getloadavg()[0]:.2f}; transparent huge pages: {_huge_pages()}"
           f"{', not used' if args.no_huge_pages else ''})")
     print(f"# NF4, blocksize 64, double quantization; weight {args.size}x{args.size}; linear input "
-          f"{args.batch}x{args.seq}x{args.size} {compute_dtype(args.dtype)}; median of {args.repeats} after {args.warmup} warm-up calls")
+          f"{args.batch}x{args.seq}x{args.size} {compute_dtype(args.dtype)}; median of {args.repeats} after "
+          f"{args.warmup} warm-up calls")
     seconds = ", ".join(f"{key}: {s:.1f} s" for key, s in compiled.compile_seconds().items())
     print(f"# compiled dequantize: {'failed, eager used: ' + compiled.failure() if compiled.failure() else seconds} "
           "(first call of each kernel in this process; Inductor's disk cache may have held it from an earlier one)")
