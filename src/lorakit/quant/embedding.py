@@ -95,10 +95,14 @@ class QuantTable(nn.Module):
                                self._buffers.get("nested_quant_map"), self.nested_offset)
 
     @property
+    def owns_table(self) -> bool:
+        """False for a head that reads a tied embedding's table instead of storing one."""
+        return getattr(self, "table", self) is self
+
+    @property
     def quantized_numel(self) -> int:
-        """Elements of the dense table stored here (lk.count_parameters counts them); none for a head that
-        reads a tied embedding's table."""
-        return self.rows * self.cols if getattr(self, "table", self) is self else 0
+        """Elements of the dense table stored here (lk.count_parameters counts them); none if not owned."""
+        return self.rows * self.cols if self.owns_table else 0
 
     @property
     def nbytes(self) -> int:

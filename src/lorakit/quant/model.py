@@ -43,7 +43,7 @@ class QuantReport:
 def quantization_report(model: nn.Module) -> QuantReport:
     """Count the model's memory now and what its Linear4bit weights and quantized tables took before."""
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
-    tables = [m for m in model.modules() if isinstance(m, QuantTable) and getattr(m, "table", m) is m]
+    tables = [m for m in model.modules() if isinstance(m, QuantTable) and m.owns_table]
     dense = sum(m.quantized_numel * m.weight_dtype.itemsize for m in [*layers, *tables])
     quantized = sum(m.quantized_weight.nbytes for m in layers) + sum(m.nbytes for m in tables)
     seen: dict[int, int] = {}
