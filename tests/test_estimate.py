@@ -16,6 +16,7 @@ from lorakit.train.estimate import EVAL_BATCH, MemoryEstimate, estimate
 from lorakit.train.estimate_table import estimate_table
 from lorakit.train.evaluate import left_pad
 from lorakit.train.objectives import causal_lm_loss, tail_logits
+from lorakit.train.saved_activations import lean_saved_activations
 
 BATCH, SEQ, LOSS_TOKENS = 4, 24, 2
 CONFIG = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
@@ -49,18 +50,18 @@ def _batch() -> dict[str, torch.Tensor]:
 
 
 def _saved_bytes(model: torch.nn.Module, dtype: torch.dtype | None) -> int:
-    """Bytes of the distinct non-weight tensors a real training forward saves for backward."""
+    """Bytes of the distinct non-weight tensors a real training forward keeps for backward, as the trainer
+    runs it (without activation outputs)."""
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     saved: dict[int, int] = {}
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
+    def record(tensor: torch.Tensor) -> None:
         ptr = tensor.untyped_storage().data_ptr()
         if ptr not in weights:
             saved[ptr] = tensor.untyped_storage().nbytes()
-        return tensor
 
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+    with lean_saved_activations(observe=record), \
             torch.autocast("cpu", dtype or torch.float32, enabled=dtype is not None):
         loss, _ = causal_lm_loss(model, _batch())
     loss.backward()  # the graph was complete and usable

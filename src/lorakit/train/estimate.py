@@ -42,6 +42,7 @@ from ..models import load_config
 from .estimate_constants import EVAL_BATCH, HEAP_SLACK, JOB_EXTRAS
 from .loop import amp_dtype
 from .objectives import IGNORE_INDEX, tail_logits
+from .saved_activations import lean_saved_activations
 
 METHODS = ("lora", "qlora", "full")
 
@@ -178,13 +179,12 @@ def _saved_bytes(model: nn.Module, batch_size: int, seq_len: int, loss_tokens: i
     weights = {_storage_key(t) for t in [*model.parameters(), *model.buffers()]}
     saved: dict[int, int] = {}
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
+    def record(tensor: torch.Tensor) -> None:
         key = _storage_key(tensor)
         if key not in weights:
             saved[key] = tensor.untyped_storage().nbytes()
-        return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+    with lean_saved_activations(observe=record), \
             torch.autocast("cpu", dtype or torch.float32, enabled=dtype is not None):
         _training_loss(model.train(), batch_size, seq_len, loss_tokens)
     return sum(saved.values())

@@ -25,6 +25,7 @@ from . import checkpoint, distributed
 from .metrics import METRICS, strict_json
 from .objectives import target_count
 from .batching import batch_order, shard
+from .saved_activations import lean_saved_activations
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Settings a resumed run may change: they steer evaluation, saving and speed, not what is learned.
@@ -174,7 +175,7 @@ class Trainer:
         loss_sum, tokens = 0.0, 0
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
-            with self._no_sync(not sync), autocast(self.device, self.amp_dtype):
+            with self._no_sync(not sync), autocast(self.device, self.amp_dtype), lean_saved_activations():
                 loss, _ = self.loss_fn(self.ddp, batch)
             scaled = loss * (self.world / max(global_count, 1.0))
             self.scaler.scale(scaled).backward()
