@@ -9,7 +9,8 @@ tensors bypass CPU autocast, fake CPU tensors do not, so the bf16 casts of a tra
 do in the trainer. Two forwards run on them:
 
 - training: the calls `causal_lm_loss` makes, on left-padded rows whose last `loss_tokens` positions carry
-  the loss. `activations` is every distinct non-weight storage autograd saves for backward.
+  the loss. `activations` is every distinct non-weight storage autograd keeps for backward, without the
+  activation outputs the trainer does not keep (saved_activations.py).
 - evaluation: one batch of EVAL_BATCH prompts without gradients in fp32, as the job's merged-model check
   runs after training. `evaluation` is the most memory its tensors hold at once (the KV cache included).
 
