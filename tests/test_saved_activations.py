@@ -27,15 +27,18 @@ LAYERS, HIDDEN, INTERMEDIATE, TOKENS = 2, 32, 88, 3 * 11
 
 def _llama() -> nn.Module:
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=LAYERS, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                         max_position_embeddings=64))
+    config = LlamaConfig(num_hidden_layers=LAYERS, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    model = LlamaForCausalLM(config)
     lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     randomize_adapters(model)
     return model.train()
 
 
-def _step(model: nn.Module, run: Callable[[], torch.Tensor], lean: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+Step = tuple[torch.Tensor, dict[str, torch.Tensor], int]
+
+
+def _step(model: nn.Module, run: Callable[[], torch.Tensor], lean: bool) -> Step:
     """(loss, gradients, bytes of the distinct tensors kept for backward) of one forward and backward."""
     model.zero_grad(set_to_none=True)
     kept: dict[int, int] = {}
