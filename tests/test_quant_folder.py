@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -66,3 +69,27 @@ def test_transformers_with_bitsandbytes_reads_it(folders):
     ids = _ids(2)
     with torch.no_grad():  # bitsandbytes' CPU kernel rounds differently; the weights are the same bytes
         torch.testing.assert_close(theirs(ids).logits.float(), reference(ids).logits, atol=1e-2, rtol=0)
+
+
+def _mapped(path) -> bool:
+    with open("/proc/self/maps") as maps:
+        return any(line.rstrip().endswith(str(path)) for line in maps)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's list of the process's mappings")
+def test_quantizing_a_loaded_folder_lets_go_of_its_file(folders):
+    """from_pretrained leaves each weight a view of the mapped safetensors file; after quantize_model
+    nothing may keep that mapping (and the pages it read) alive, and the logits are those of the
+    model quantized in memory."""
+    root, reference = folders
+    weights = (root / "base" / "model.safetensors").resolve()
+    model, _ = load_base_model(root / "base")
+    assert _mapped(weights)
+    assert not all(p.untyped_storage().resizable() for p in model.parameters())  # the views this is about
+    lk.quantize_model(model, "nf4", compute_dtype=torch.float32)
+    gc.collect()
+    assert not _mapped(weights)
+    assert all(t.untyped_storage().resizable() for t in [*model.parameters(), *model.buffers()])
+    ids = _ids(2)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, reference(ids).logits)

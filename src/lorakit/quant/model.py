@@ -86,7 +86,9 @@ def quantize_model(
 
     `skip` holds module names (exact or dotted suffix) to keep dense; the output head
     (`model.get_output_embeddings()`) and weights tied to other modules always stay dense.
-    Layers are converted one at a time, each dense weight freed as soon as nothing else holds it.
+    Layers are converted one at a time, each dense weight freed as soon as nothing else holds it. What stays
+    dense and lives in memory torch does not own (a view of a mapped safetensors file) is copied, so the
+    file's mapping, and every page of it the quantization read, goes with the dense weights.
     `embeddings` ("int8" row-wise, "nf4" or "fp4" blockwise; default None: dense) also stores the input
     embeddings and the output head quantized (quant/embedding.py); a head tied to the embeddings stays tied.
     See `quantization_report(model)` for the memory saved (also logged at INFO).
@@ -109,8 +111,37 @@ def quantize_model(
         replace_module(model, name, layer)
     if embeddings is not None:
         quantize_embeddings(model, embeddings, blocksize, double_quant)
+    copied = _own_borrowed_tensors(model)
+    if copied:
+        logger.info("lorakit: copied %d dense tensors out of the loaded file's mapping", copied)
     logger.info("lorakit: %s", quantization_report(model))
     return model
+
+
+def _own_borrowed_tensors(model: nn.Module) -> int:
+    """Copy every parameter and buffer whose storage torch did not allocate (a view of an mmap'd file, a
+    NumPy array) into memory it does; return how many. from_pretrained leaves each weight a view of the
+    safetensors file's mapping, which is unmapped only when the last view goes: one norm weight keeps the
+    whole file resident after its linear weights were quantized (540 MB for the default model)."""
+    copied = 0
+    with torch.no_grad():
+        for param in {id(p): p for p in model.parameters()}.values():  # a tied weight once
+            if not _owned(param):
+                param.data = param.data.clone()
+                copied += 1
+        buffer_copies: dict[int, torch.Tensor] = {}  # a buffer registered in two modules stays one tensor
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and not _owned(buffer):
+                    if id(buffer) not in buffer_copies:
+                        buffer_copies[id(buffer)] = buffer.clone()
+                    module._buffers[name] = buffer_copies[id(buffer)]
+    return copied + len(buffer_copies)
+
+
+def _owned(tensor: torch.Tensor) -> bool:
+    """Whether torch's allocator made the storage: views of memory it borrowed cannot be resized."""
+    return tensor.device.type == "meta" or tensor.untyped_storage().resizable()
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
