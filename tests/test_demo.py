@@ -11,7 +11,8 @@ from lorakit.train.job import JobConfig, run_job
 
 
 def test_default_job_beats_zero_shot(tmp_path):
-    cfg = JobConfig.of(steps=60, lr=2e-3, batch_size=16, out=str(tmp_path / "run"))  # the demo's settings
+    # the demo's settings, scored on the first 600 of its 1,200 held-out sentences: half the evaluation time
+    cfg = JobConfig.of(steps=60, lr=2e-3, batch_size=16, out=str(tmp_path / "run"), eval_size=600)
     report = run_job(cfg, progress=False)
     assert report.trainable / report.total < 0.01
     assert report.after["accuracy"] >= max(0.85, report.before["accuracy"] + 0.05), (report.before, report.after)
