@@ -125,7 +125,7 @@ def _own_borrowed_tensors(model: nn.Module) -> int:
     whole file resident after its linear weights were quantized (540 MB for the default model)."""
     copied = 0
     with torch.no_grad():
-        for param in {id(p): p for p in model.parameters()}.values():  # a tied weight once
+        for param in model.parameters():  # yields a tied weight once
             if not _owned(param):
                 param.data = param.data.clone()
                 copied += 1
