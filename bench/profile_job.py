@@ -5,8 +5,9 @@ q_proj and v_proj, batch 16, precision auto = bf16 autocast where the CPU has it
 1. profiles --profile-steps optimizer steps with torch.profiler, for padded and for packed batches, and
    prints each step's time split into op groups by self time (the rest of the wall time is Python and the
    profiler between ops), plus the heaviest single ops;
-2. times --pairs steps of each batching alternately on the same global batches (padded, packed, padded,
-   ...), so a drift in machine speed hits both alike, and prints medians, tokens computed and real tokens.
+2. times --pairs steps of each batching alternately on the same global batches (padded, packed, packed
+   into rows as wide as the longest example, padded, ...), so a drift in machine speed hits all alike, and
+   prints medians, tokens computed and real tokens.
 Run: python bench/profile_job.py [--profile-steps 3] [--pairs 6] [--threads 2]
 """
 
@@ -15,9 +16,9 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import sys
 import tempfile
 import time
+from functools import partial
 
 import torch
 from harness import machine, table
@@ -37,6 +38,9 @@ GROUPS = [  # (group, pattern on the op name), first match wins
      r"as_strided|unsqueeze|squeeze|detach|alias|empty\w*|zeros\w*|ones\w*|full\w*|resize_|split\w*|"
      r"unbind|chunk|narrow|numpy_T|lift_fresh|_local_scalar_dense|item|arange|result_type)$"),
 ]
+
+
+LONGEST = "packed, rows as wide as the longest"
 
 
 def group_of(name: str) -> str:
@@ -59,7 +63,16 @@ def build(batch_size: int):
     for name, packing in (("padded", False), ("packed", True)):
         collate, loss_fn = train_batching(model, prepared.train, tokenizer.pad_token_id, packing)
         trainers[name] = Trainer(model, prepared.train, collate, loss_fn, cfg.train, None, progress=False)
+    trainers[LONGEST] = Trainer(model, prepared.train, partial(pack_as_wide_as_longest, pad_id=tokenizer.pad_token_id),
+                                loss_fn, cfg.train, None, progress=False)
     return trainers
+
+
+def pack_as_wide_as_longest(rows: list, pad_id: int) -> dict:
+    """Packing as it was before rows got the width that costs least (session 13): rows as wide as the longest."""
+    from lorakit.train.batching import pack
+
+    return pack(rows, pad_id, width=max(len(row["input_ids"]) for row in rows))
 
 
 def batch_shape(trainer, step: int) -> tuple[int, int]:
@@ -147,8 +160,9 @@ def main() -> None:
                      f"{real / args.pairs:,.0f}", f"{real / sum(times[name]):,.0f}"])
     print(f"\n## alternating steps {start}..{start + args.pairs - 1}, same global batches for both")
     table(rows, ["batching", "median ms", "each step ms", "tokens computed", "real tokens", "real tokens/s"])
-    padded, packed = (statistics.median(times[n]) for n in ("padded", "packed"))
-    print(f"packed / padded step time: {packed / padded:.3f}", file=sys.stdout)
+    padded, packed, longest = (statistics.median(times[n]) for n in ("padded", "packed", LONGEST))
+    print(f"packed / padded step time: {packed / padded:.3f}; packed / packed as wide as the longest: "
+          f"{packed / longest:.3f}")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,16 @@ layout that keeps sequences apart, and a model that would let them see each othe
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from torch import nn
 
 import lorakit as lk
 from lorakit.errors import LorakitError
-from lorakit.train.batching import IGNORE_INDEX, collate, pack
+from lorakit.train.batching import (ATTENTION_WIDTH, IGNORE_INDEX, WIDTH_CANDIDATES, collate, first_fit_decreasing,
+                                    pack, packed_width)
 from lorakit.train.loop import Trainer, TrainSettings
 from lorakit.train.objectives import causal_lm_loss, packed_causal_lm_loss, packed_logits, shifted_targets
 from lorakit.train.packing import packing_problem, train_batching
@@ -65,7 +68,7 @@ class IgnoresPositions(nn.Module):
 def test_pack_lays_examples_first_fit_decreasing_with_restarting_positions():
     examples = [{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3, 4, 5, 6], "labels": [-100, -100, 5, 6]},
                 {"input_ids": [7], "labels": [7]}, {"input_ids": [8, 9, 10], "labels": [8, 9, 10]}]
-    batch = pack(examples, PAD)  # width 4: [3 4 5 6], [8 9 10 7], [1 2 pad pad]
+    batch = pack(examples, PAD, width=4)  # [3 4 5 6], [8 9 10 7], [1 2 pad pad]
     assert batch["input_ids"].tolist() == [[3, 4, 5, 6], [8, 9, 10, 7], [1, 2, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 0, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]
@@ -77,6 +80,27 @@ def test_pack_lays_examples_first_fit_decreasing_with_restarting_positions():
         pack(examples, PAD, width=3)
     with pytest.raises(LorakitError, match="classification rows are padded"):
         pack([{"input_ids": [1], "label": 0}], PAD)
+
+
+def test_pack_picks_the_width_whose_rows_cost_least():
+    """Rows as wide as the longest example would leave a 4-token example alone in each of three rows; rows of 10
+    hold all four in two. The choice is the cheapest of every width from the longest to twice it, by brute force."""
+    examples = _examples([6, 4, 4, 4])
+    assert pack(examples, PAD)["input_ids"].shape == (2, 10)
+    assert pack(examples, PAD, width=6)["input_ids"].shape == (4, 6)
+
+    def cost(lengths: list[int], width: int) -> float:
+        return len(first_fit_decreasing(lengths, width)) * width * (1 + width / ATTENTION_WIDTH)
+
+    rng = random.Random(0)
+    for _ in range(50):
+        lengths = [rng.randint(1, 30) for _ in range(rng.randint(1, 12))]
+        width = packed_width(lengths)
+        assert max(lengths) <= width <= 2 * max(lengths)
+        assert cost(lengths, width) == min(cost(lengths, w) for w in range(max(lengths), 2 * max(lengths) + 1))
+    wide = [rng.randint(1, 640) for _ in range(16)]  # past WIDTH_CANDIDATES widths, candidates are spaced evenly
+    assert (packed_width(wide) - max(wide)) % (max(wide) // WIDTH_CANDIDATES) == 0
+    assert pack(examples[:1], PAD)["input_ids"].shape == (1, 6)  # one example: no tail to fill
 
 
 def _per_sequence_losses(model: nn.Module, batch: dict) -> dict[tuple[int, ...], torch.Tensor]:
