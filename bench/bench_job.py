@@ -11,7 +11,9 @@ Reported per side (median over rounds): training wall seconds (the trainer's own
 TrainResult.seconds, the Trainer's train_runtime), non-padding tokens per second, peak RSS of the process,
 held-out accuracy (which of " positive" / " negative" the model ranks higher after each prompt), and
 model-FLOPs utilisation: 4 x non-embedding parameters x tokens/s (forward plus the input-gradient
-backward) over the matmul peak measured here in that precision on the model's own shapes.
+backward) over the matmul peak measured here in that precision on the model's own shapes. Then the
+lorakit / PEFT ratios of each round: rounds are interleaved, so a round's ratio cancels most of the host's
+drift, which moves either side's time by 10-20% from one round to the next on a shared VM.
 `--sides lorakit lorakit_padded peft_trainer` adds lorakit with packing off (batches padded to their
 longest example, as before packing), to show what packing saves within the same interleaved run.
 Run: python bench/bench_job.py [--rounds 2]      smoke: --steps 2 --batch-size 4 --eval-size 16 --rounds 1
@@ -177,6 +179,9 @@ def report(runs: dict[str, list[dict]], peaks: list[float]) -> None:
     print(f"lorakit / PEFT + Trainer: time {ours['seconds'] / theirs['seconds']:.2f}x (target <= 0.5x), peak RSS "
           f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x (target <= 0.6x), accuracy "
           f"{ours['accuracy'] - theirs['accuracy']:+.4f}")
+    pairs = list(zip(runs["lorakit"], runs["peft_trainer"]))  # rounds are interleaved: one pair per round
+    print("per round, lorakit / PEFT + Trainer: time " + ", ".join(f"{a['seconds'] / b['seconds']:.3f}" for a, b in pairs)
+          + "; peak RSS " + ", ".join(f"{a['peak_rss_mb'] / b['peak_rss_mb']:.3f}" for a, b in pairs))
     if "lorakit_padded" in medians:
         padded = medians["lorakit_padded"]
         print(f"lorakit packed / padded: time {ours['seconds'] / padded['seconds']:.2f}x, accuracy "
