@@ -40,7 +40,7 @@ GROUPS = [  # (group, pattern on the op name), first match wins
 ]
 
 
-LONGEST = "packed, rows as wide as the longest"
+LONGEST = "packed, rows as wide as the longest"  # the packing before session 13, for comparison
 
 
 def group_of(name: str) -> str:
@@ -59,12 +59,12 @@ def build(batch_size: int):
     cfg = job_config(DEMO_PRESET, None, {"batch_size": batch_size, "out": out})
     torch.manual_seed(cfg.train.seed)
     model, tokenizer, prepared = prepare(cfg, torch.device("cpu"))
-    trainers = {}
+    trainers, losses = {}, {}
     for name, packing in (("padded", False), ("packed", True)):
-        collate, loss_fn = train_batching(model, prepared.train, tokenizer.pad_token_id, packing)
-        trainers[name] = Trainer(model, prepared.train, collate, loss_fn, cfg.train, None, progress=False)
+        collate, losses[name] = train_batching(model, prepared.train, tokenizer.pad_token_id, packing)
+        trainers[name] = Trainer(model, prepared.train, collate, losses[name], cfg.train, None, progress=False)
     trainers[LONGEST] = Trainer(model, prepared.train, partial(pack_as_wide_as_longest, pad_id=tokenizer.pad_token_id),
-                                loss_fn, cfg.train, None, progress=False)
+                                losses["packed"], cfg.train, None, progress=False)
     return trainers
 
 

@@ -11,8 +11,8 @@ from torch import nn
 
 import lorakit as lk
 from lorakit.errors import LorakitError
-from lorakit.train.batching import (ATTENTION_WIDTH, IGNORE_INDEX, WIDTH_CANDIDATES, collate, first_fit_decreasing,
-                                    pack, packed_width)
+from lorakit.train.batching import (ATTENTION_WIDTH, IGNORE_INDEX, WIDTH_CANDIDATES, collate, pack, packed_width,
+                                    packing_cost)
 from lorakit.train.loop import Trainer, TrainSettings
 from lorakit.train.objectives import causal_lm_loss, packed_causal_lm_loss, packed_logits, shifted_targets
 from lorakit.train.packing import packing_problem, train_batching
@@ -88,16 +88,16 @@ def test_pack_picks_the_width_whose_rows_cost_least():
     examples = _examples([6, 4, 4, 4])
     assert pack(examples, PAD)["input_ids"].shape == (2, 10)
     assert pack(examples, PAD, width=6)["input_ids"].shape == (4, 6)
-
-    def cost(lengths: list[int], width: int) -> float:
-        return len(first_fit_decreasing(lengths, width)) * width * (1 + width / ATTENTION_WIDTH)
+    assert packing_cost([6, 4, 4, 4], 10) == 2 * 10 * (1 + 10 / ATTENTION_WIDTH)
+    assert packing_cost([6, 4, 4, 4], 6) == 4 * 6 * (1 + 6 / ATTENTION_WIDTH)
 
     rng = random.Random(0)
     for _ in range(50):
         lengths = [rng.randint(1, 30) for _ in range(rng.randint(1, 12))]
         width = packed_width(lengths)
         assert max(lengths) <= width <= 2 * max(lengths)
-        assert cost(lengths, width) == min(cost(lengths, w) for w in range(max(lengths), 2 * max(lengths) + 1))
+        cheapest = min(packing_cost(lengths, w) for w in range(max(lengths), 2 * max(lengths) + 1))
+        assert packing_cost(lengths, width) == cheapest
     wide = [rng.randint(1, 640) for _ in range(16)]  # past WIDTH_CANDIDATES widths, candidates are spaced evenly
     assert (packed_width(wide) - max(wide)) % (max(wide) // WIDTH_CANDIDATES) == 0
     assert pack(examples[:1], PAD)["input_ids"].shape == (1, 6)  # one example: no tail to fill

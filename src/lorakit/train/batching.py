@@ -125,15 +125,16 @@ def first_fit_decreasing(lengths: Sequence[int], width: int) -> list[list[int]]:
 
 
 def packed_width(lengths: Sequence[int]) -> int:
-    """The row width, from the longest example to twice that, whose first-fit rows cost least: tokens computed
-    weighted by (1 + width / ATTENTION_WIDTH); the narrowest wins a tie."""
+    """The row width, from the longest example to twice that, whose first-fit rows cost least (packing_cost);
+    the narrowest wins a tie."""
     longest = max(lengths)
     step = max(1, longest // WIDTH_CANDIDATES)
+    return min(range(longest, 2 * longest + 1, step), key=lambda width: packing_cost(lengths, width))
 
-    def cost(width: int) -> float:
-        return len(first_fit_decreasing(lengths, width)) * width * (1 + width / ATTENTION_WIDTH)
 
-    return min(range(longest, 2 * longest + 1, step), key=cost)
+def packing_cost(lengths: Sequence[int], width: int) -> float:
+    """Work of first-fit rows of `width`, in units of one token's linear layers: tokens computed, attention included."""
+    return len(first_fit_decreasing(lengths, width)) * width * (1 + width / ATTENTION_WIDTH)
 
 
 def batch_order(n_examples: int, batch_size: int, seed: int, epoch: int, drop_last: bool = False) -> list[list[int]]:
