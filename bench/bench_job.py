@@ -180,8 +180,9 @@ def report(runs: dict[str, list[dict]], peaks: list[float]) -> None:
           f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x (target <= 0.6x), accuracy "
           f"{ours['accuracy'] - theirs['accuracy']:+.4f}")
     pairs = list(zip(runs["lorakit"], runs["peft_trainer"]))  # rounds are interleaved: one pair per round
-    print("per round, lorakit / PEFT + Trainer: time " + ", ".join(f"{a['seconds'] / b['seconds']:.3f}" for a, b in pairs)
-          + "; peak RSS " + ", ".join(f"{a['peak_rss_mb'] / b['peak_rss_mb']:.3f}" for a, b in pairs))
+    times = ", ".join(f"{a['seconds'] / b['seconds']:.3f}" for a, b in pairs)
+    peaks_ratio = ", ".join(f"{a['peak_rss_mb'] / b['peak_rss_mb']:.3f}" for a, b in pairs)
+    print(f"per round, lorakit / PEFT + Trainer: time {times}; peak RSS {peaks_ratio}")
     if "lorakit_padded" in medians:
         padded = medians["lorakit_padded"]
         print(f"lorakit packed / padded: time {ours['seconds'] / padded['seconds']:.2f}x, accuracy "

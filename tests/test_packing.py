@@ -43,11 +43,11 @@ def _llama(attn: str = "sdpa") -> nn.Module:
     return model.eval()
 
 
-def _gpt2() -> nn.Module:
+def _gpt2(n_positions: int = 64) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64,
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=n_positions,
                                        bos_token_id=0, eos_token_id=0))
     lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules=["c_attn"]))
     randomize_adapters(model)
@@ -101,6 +101,15 @@ def test_pack_picks_the_width_whose_rows_cost_least():
     wide = [rng.randint(1, 640) for _ in range(16)]  # past WIDTH_CANDIDATES widths, candidates are spaced evenly
     assert (packed_width(wide) - max(wide)) % (max(wide) // WIDTH_CANDIDATES) == 0
     assert pack(examples[:1], PAD)["input_ids"].shape == (1, 6)  # one example: no tail to fill
+
+
+def test_a_tail_wider_than_any_example_keeps_positions_the_examples_use():
+    """Rows may be up to twice the longest example; a model with learned positions (GPT-2) has a table only as
+    long as its context, so the pad tail counts from 0 again rather than past the longest example."""
+    batch = pack(_examples([3, 2]), PAD, width=10)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 0, 1]]
+    model = _gpt2(n_positions=3)
+    model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])  # an index error past position 2
 
 
 def _per_sequence_losses(model: nn.Module, batch: dict) -> dict[tuple[int, ...], torch.Tensor]:

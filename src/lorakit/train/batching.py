@@ -77,7 +77,9 @@ def pack(examples: Sequence[Mapping[str, Any]], pad_id: int | None, width: int |
     Rows are filled first-fit in order of decreasing length (ties by position, so the layout is a pure function
     of the examples). `position_ids` restart at 0 where each example begins, which is how transformers tells
     the sequences of a row apart and keeps them from attending to each other (train/packing.py checks that a
-    model honours it); the free tail of a row is a run of pad tokens with positions of its own. Every
+    model honours it); the free tail of a row is a run of pad tokens with positions of its own, counting from 0
+again after the longest example's length, so no position is beyond those the examples use (a model with
+learned positions, GPT-2, has a table only up to its context length, and rows may be wider). Every
     example's first label is IGNORE_INDEX, as position 0 of a row of its own is never predicted, so no
     target crosses from one example into the next; `attention_mask` is 1 on the examples' tokens only.
     """
@@ -106,7 +108,7 @@ def pack(examples: Sequence[Mapping[str, Any]], pad_id: int | None, width: int |
             batch["attention_mask"][r, start:end] = 1
             batch["position_ids"][r, start:end] = torch.arange(lengths[i])
             start = end
-        batch["position_ids"][r, start:] = torch.arange(width - start)
+        batch["position_ids"][r, start:] = torch.arange(width - start) % max(lengths)
     return batch
 
 
