@@ -78,8 +78,8 @@ def pack(examples: Sequence[Mapping[str, Any]], pad_id: int | None, width: int |
     of the examples). `position_ids` restart at 0 where each example begins, which is how transformers tells
     the sequences of a row apart and keeps them from attending to each other (train/packing.py checks that a
     model honours it); the free tail of a row is a run of pad tokens with positions of its own, counting from 0
-again after the longest example's length, so no position is beyond those the examples use (a model with
-learned positions, GPT-2, has a table only up to its context length, and rows may be wider). Every
+    again after the longest example's length, so no position is beyond those the examples use (a model with
+    learned positions, GPT-2, has a table only up to its context length, and rows may be wider). Every
     example's first label is IGNORE_INDEX, as position 0 of a row of its own is never predicted, so no
     target crosses from one example into the next; `attention_mask` is 1 on the examples' tokens only.
     """
@@ -90,9 +90,10 @@ learned positions, GPT-2, has a table only up to its context length, and rows ma
     if any("labels" not in example for example in examples):
         raise LorakitError("pack takes causal-LM examples (input_ids and labels); classification rows are padded.")
     lengths = [len(example["input_ids"]) for example in examples]
+    longest = max(lengths)
     width = packed_width(lengths) if width is None else width
-    if max(lengths) > width:
-        raise LorakitError(f"pack: an example of {max(lengths)} tokens does not fit rows of width {width}.")
+    if longest > width:
+        raise LorakitError(f"pack: an example of {longest} tokens does not fit rows of width {width}.")
     rows = first_fit_decreasing(lengths, width)
     shape = (len(rows), width)
     batch = {"input_ids": torch.full(shape, pad_id, dtype=torch.long),
@@ -108,7 +109,7 @@ learned positions, GPT-2, has a table only up to its context length, and rows ma
             batch["attention_mask"][r, start:end] = 1
             batch["position_ids"][r, start:end] = torch.arange(lengths[i])
             start = end
-        batch["position_ids"][r, start:] = torch.arange(width - start) % max(lengths)
+        batch["position_ids"][r, start:] = torch.arange(width - start) % longest
     return batch
 
 
