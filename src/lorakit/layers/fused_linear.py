@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .rank_products import add_product_, grad_a, grad_b, times_b
+
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
                 transposed: bool, dtype: torch.dtype) -> Tensor:
@@ -41,7 +43,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tenso
     w_in_out = w if transposed else w.T
     y = torch.mm(x2, w_in_out) if bias is None else torch.addmm(bias.to(dtype), x2, w_in_out)
     h = torch.mm(x2, A.to(dtype).T).mul_(scaling)
-    y.addmm_(h, B.to(dtype).T)
+    add_product_(y, h, B.to(dtype).T)
     return y.view(*x.shape[:-1], y.shape[-1]), w, h
 
 
@@ -64,19 +66,19 @@ class LoraLinear(torch.autograd.Function):
         need, dtype = ctx.needs_input_grad, h.dtype
         weight_dtype, bias_dtype = ctx.dtypes
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
-        grad_h = torch.mm(g, B.to(dtype)).mul_(ctx.scaling)
+        grad_h = times_b(g, B.to(dtype)).mul_(ctx.scaling)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype) if need[1] or need[3] else None
         grad_x = grad_w = grad_bias = grad_A = grad_B = None
         if need[0]:
             grad_x = torch.mm(g, w.T if ctx.transposed else w)
-            grad_x.addmm_(grad_h, A.to(dtype))
+            add_product_(grad_x, grad_h, A.to(dtype))
             grad_x = grad_x.view(x.shape).to(x.dtype)
         if need[1]:
             grad_w = (torch.mm(x2.T, g) if ctx.transposed else torch.mm(g.T, x2)).to(weight_dtype)
         if need[2]:
             grad_bias = g.sum(0).to(bias_dtype)
         if need[3]:
-            grad_A = torch.mm(grad_h.T, x2).to(A.dtype)
+            grad_A = grad_a(grad_h, x2).to(A.dtype)
         if need[4]:
-            grad_B = torch.mm(g.T, h).to(B.dtype)
+            grad_B = grad_b(g, h).to(B.dtype)
         return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None

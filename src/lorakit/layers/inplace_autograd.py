@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .rank_products import add_product_, grad_a, grad_b, times_b
+
 
 def compute_dtype(x: Tensor, A: Tensor) -> torch.dtype:
     """Autocast's dtype when autocast is on (as F.linear would use), else the adapter's own dtype."""
@@ -46,7 +48,7 @@ def _forward(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, dropo
     h = torch.mm(x2, A.to(dtype).T).mul_(scaling)
     out2 = out.view(-1, out.shape[-1])
     if out.dtype == dtype:
-        out2.addmm_(h, B.to(dtype).T)
+        add_product_(out2, h, B.to(dtype).T)
     else:
         out2.add_(torch.mm(h, B.to(dtype).T))
     return h, mask
@@ -70,15 +72,15 @@ class LoraAdd(torch.autograd.Function):
         x, A, B, h, mask = ctx.saved_tensors
         dtype, need = ctx.dtype, ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
-        grad_h = torch.mm(g, B.to(dtype)).mul_(ctx.scaling)
+        grad_h = times_b(g, B.to(dtype)).mul_(ctx.scaling)
         grad_x = grad_A = grad_B = None
         if need[3]:
-            grad_B = torch.mm(g.T, h).to(B.dtype)
+            grad_B = grad_b(g, h).to(B.dtype)
         if need[2]:
             dropped = x.reshape(-1, x.shape[-1]).to(dtype)
             if mask is not None:
                 dropped = dropped * _keep_scale(mask, ctx.dropout, dtype)
-            grad_A = torch.mm(grad_h.T, dropped).to(A.dtype)
+            grad_A = grad_a(grad_h, dropped).to(A.dtype)
         if need[1]:
             grad_x = torch.mm(grad_h, A.to(dtype))
             if mask is not None:
@@ -128,12 +130,12 @@ class LoraDoraAdd(torch.autograd.Function):
         need, dtype = ctx.needs_input_grad, h.dtype
         g2 = grad.reshape(-1, grad.shape[-1]).to(dtype)
         grad_z = g2 * g  # the base output and the LoRA term are both scaled by g
-        grad_h = torch.mm(grad_z, B.to(dtype))
+        grad_h = times_b(grad_z, B.to(dtype))
         grad_x = grad_A = grad_B = grad_m = grad_bias = None
         if need[3]:
-            grad_B = torch.mm(grad_z.T, h).to(B.dtype)
+            grad_B = grad_b(grad_z, h).to(B.dtype)
         if need[2]:
-            grad_A = torch.mm(grad_h.T, x.reshape(-1, x.shape[-1]).to(dtype)).mul_(ctx.scaling).to(A.dtype)
+            grad_A = grad_a(grad_h, x.reshape(-1, x.shape[-1]).to(dtype)).mul_(ctx.scaling).to(A.dtype)
         if need[1]:
             grad_x = torch.mm(grad_h, A.to(dtype)).mul_(ctx.scaling).view(x.shape).to(x.dtype)
         if need[5]:  # dy/dm = (z - b) / ||W + ΔW||
