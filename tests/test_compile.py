@@ -69,7 +69,9 @@ def test_swapping_adapter_weights_does_not_recompile():
             for layer in (model[0], model[2]):  # new Parameter objects of the same shapes
                 for kind in ("lora_A", "lora_B"):
                     getattr(layer, kind)["default"] = nn.Parameter(torch.randn_like(getattr(layer, kind)["default"]))
-            torch.testing.assert_close(compiled(x), model(x))
+            # Unit-variance adapters give outputs near 30, and the traced graph need not run the in-place
+            # rank-r add (outᵀ += Bᵀ·hᵀ) as the same BLAS call eager does: float32 round-off, not more.
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-4)
 
 
 def test_routed_batches_compile_without_graph_breaks():
