@@ -5,7 +5,8 @@ backward computes the input gradient twice, g·W in the base node and s·(g·B)�
 autograd then adds the two in a third pass over an (N x in) tensor. `LoraLinear` owns both: its backward
 computes g·W once and adds s·(g·B)·A into it in place (addmm_), one pass and one (N x in) tensor fewer per
 layer, and one autograd node fewer. Its forward is exactly today's: the base addmm, then the rank-r
-intermediate and addmm_ of the term into the output, which stays contiguous.
+intermediate and addmm_ of the term into the output, which stays contiguous. Every product with a rank-r
+side goes through rank_products.py, which asks the BLAS for it in the layout that runs faster.
 
 A is not stored beside W in one (out + r, in) buffer (x·[W; A]ᵀ giving base output and intermediate in
 one GEMM), the way fused GPU kernels do it: with BLAS calls the shared GEMM writes [y | h] side by side,
