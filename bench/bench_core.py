@@ -6,18 +6,26 @@ frozen, the least any adapter method can cost. Settings, each for lorakit and PE
 dropout 0 and 0.1, r=8 and r=64 on every linear layer but the head, and DoRA r=8 on c_attn.
 Inference (128 tokens, batch 1 and 8): base, lorakit unmerged and merged, PEFT unmerged, and unmerged DoRA
 for both libraries. Every adapter gets B ~ N(0, 0.01) so its forward does real work in both libraries.
-Run: python bench/bench_core.py [--only 'train_*dora' 'infer_*_b1'] [--repeats N]
+Run: python bench/bench_core.py [--only 'train_*dora' 'infer_*_b1'] [--repeats N] [--rounds N]
+For ratios of a few percent on a noisy host: python bench/bench_core.py --interleaved --only train_floor
+'train_*_all' --repeats 12 (training configurations in one process, one step of each per round, ratios per
+round; memory needs the default mode, one process per configuration).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import date
 from typing import TYPE_CHECKING
 
 import torch
-from harness import main, table, time_median
+from harness import machine, main, select, table, time_median
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -116,17 +124,23 @@ def _infer(config: str, args: argparse.Namespace) -> dict:
 
 
 def _train(config: str, args: argparse.Namespace) -> dict:
+    step, trainable = _training_step(config)
+    return {"seconds": time_median(step, warmup=2, repeats=args.repeats), "trainable": trainable}
+
+
+def _training_step(config: str) -> tuple[Callable[[], None], int]:
+    """One optimizer step of `config` (floor, full or a library_setting) on its own model, and its trainables."""
     model = _model().train()
     ids = _ids(BATCH)
     if config == "floor":
         model.requires_grad_(False)
         embed = model.transformer.wte
 
-        def step() -> None:
+        def floor_step() -> None:
             inputs = embed(ids).detach().requires_grad_()
             model(inputs_embeds=inputs, labels=ids).loss.backward()
 
-        return {"seconds": time_median(step, warmup=2, repeats=args.repeats), "trainable": 0}
+        return floor_step, 0
     if config != "full":
         library, setting = config.split("_", 1)
         model = _adapt(model, library, SETTINGS[setting])
@@ -138,8 +152,42 @@ def _train(config: str, args: argparse.Namespace) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return {"seconds": time_median(step, warmup=2, repeats=args.repeats),
-            "trainable": sum(p.numel() for p in params)}
+    return step, sum(p.numel() for p in params)
+
+
+def interleaved(args: argparse.Namespace) -> None:
+    """The training configurations in this one process, one step of each in turn (the order rotating every
+    round), so the host's drift hits all alike; ratios are medians of the per-round ratios. No memory figures:
+    the models share the process (the default mode measures those)."""
+    torch.set_num_threads(2)
+    names = [name.removeprefix("train_") for name in select(TRAIN, args.only)]
+    if "floor" not in names:
+        sys.exit("--interleaved needs train_floor among the configurations: every ratio is taken against it")
+    built = {name: _training_step(name) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(args.repeats + 1):  # round 0 warms every model up
+        turn = round_ % len(names)
+        for name in names[turn:] + names[:turn]:
+            start = time.perf_counter()
+            built[name][0]()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    print(f"# bench/bench_core.py --interleaved on {date.today()} ({machine()}); 1-min load average "
+          f"{os.getloadavg()[0]:.1f} at the end; {args.repeats} rounds, one step of each configuration per round")
+
+    def per_round(name: str, against: str) -> list[float]:
+        return [t / u for t, u in zip(times[name], times[against])]
+
+    rows = []
+    for name in names:
+        floor = per_round(name, "floor")
+        twin = name.replace("lorakit_", "peft_")
+        has_twin = name.startswith("lorakit_") and twin in names
+        peft = f"{statistics.median(per_round(name, twin)):.3f}" if has_twin else ""
+        rows.append([name, f"{built[name][1]:,}", f"{1e3 * statistics.median(times[name]):.0f}",
+                     f"{statistics.median(floor):.3f}", f"{min(floor):.3f}-{max(floor):.3f}", peft])
+    table(rows, ["config", "trainable", "step ms (median)", "x floor (median of rounds)", "x floor range",
+                 "lorakit / PEFT (median of rounds)"])
 
 
 def _ratio(results: dict[str, dict], numerator: str, denominator: str) -> str:
@@ -207,7 +255,15 @@ def report(results: dict[str, dict]) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--interleaved", action="store_true", help="training configurations in one process, step "
+                        "by step in turn, ratios per round (for ratios of a few percent; no memory figures)")
 
 
 if __name__ == "__main__":
-    main(TRAIN + INFER, run, report, add_arguments)
+    if "--interleaved" in sys.argv:
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--only", nargs="*", default=None)
+        add_arguments(parser)
+        interleaved(parser.parse_args())
+    else:
+        main(TRAIN + INFER, run, report, add_arguments)

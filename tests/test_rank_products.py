@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lorakit.layers.rank_products import NARROW_RANK, add_product_, grad_a, grad_b, times_b
+from lorakit.layers.rank_products import NARROW_RANK, add_rank_term_, grad_a, grad_b, times_b
 
 RANKS = [1, 8, NARROW_RANK - 1, NARROW_RANK, 64]
 
@@ -28,7 +28,7 @@ def test_each_product_equals_the_plain_product(rank: int) -> None:
 
 @pytest.mark.parametrize("rank", RANKS)
 def test_products_accept_the_transposed_views_the_backward_hands_them(rank: int) -> None:
-    """times_b's narrow result is a transposed view, and grad_a and the in-place add then take it as input."""
+    """times_b's narrow result is a transposed view; grad_a and the input gradient's addmm_ take it as input."""
     gen = torch.Generator().manual_seed(100 + rank)
     x, g = torch.randn(64, 24, generator=gen), torch.randn(64, 32, generator=gen)
     A, B = torch.randn(rank, 24, generator=gen), torch.randn(32, rank, generator=gen)
@@ -36,16 +36,16 @@ def test_products_accept_the_transposed_views_the_backward_hands_them(rank: int)
     _close(grad_a(grad_h, x), 0.5 * (g @ B).T @ x)
     grad_x = torch.randn(64, 24, generator=gen)
     want = grad_x + 0.5 * (g @ B) @ A
-    _close(add_product_(grad_x, grad_h, A), want)
+    _close(grad_x.addmm_(grad_h, A), want)
 
 
 @pytest.mark.parametrize("rank", RANKS)
-def test_add_product_adds_in_place_and_keeps_the_output_contiguous(rank: int) -> None:
+def test_add_rank_term_adds_in_place_and_keeps_the_output_contiguous(rank: int) -> None:
     gen = torch.Generator().manual_seed(200 + rank)
     out, h = torch.randn(48, 30, generator=gen), torch.randn(48, rank, generator=gen)
     B = torch.randn(30, rank, generator=gen)
     want = out + h @ B.T
     storage = out.data_ptr()
-    result = add_product_(out, h, B.T)
+    result = add_rank_term_(out, h, B)
     assert result is out and out.data_ptr() == storage and out.is_contiguous()
     _close(out, want)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .rank_products import add_product_, grad_a, grad_b, times_b
+from .rank_products import add_rank_term_, grad_a, grad_b, times_b
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
@@ -44,7 +44,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tenso
     w_in_out = w if transposed else w.T
     y = torch.mm(x2, w_in_out) if bias is None else torch.addmm(bias.to(dtype), x2, w_in_out)
     h = torch.mm(x2, A.to(dtype).T).mul_(scaling)
-    add_product_(y, h, B.to(dtype).T)
+    add_rank_term_(y, h, B.to(dtype))
     return y.view(*x.shape[:-1], y.shape[-1]), w, h
 
 
@@ -72,7 +72,7 @@ class LoraLinear(torch.autograd.Function):
         grad_x = grad_w = grad_bias = grad_A = grad_B = None
         if need[0]:
             grad_x = torch.mm(g, w.T if ctx.transposed else w)
-            add_product_(grad_x, grad_h, A.to(dtype))
+            grad_x.addmm_(grad_h, A.to(dtype))
             grad_x = grad_x.view(x.shape).to(x.dtype)
         if need[1]:
             grad_w = (torch.mm(x2.T, g) if ctx.transposed else torch.mm(g.T, x2)).to(weight_dtype)

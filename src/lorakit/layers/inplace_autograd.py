@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .rank_products import add_product_, grad_a, grad_b, times_b
+from .rank_products import add_rank_term_, grad_a, grad_b, times_b
 
 
 def compute_dtype(x: Tensor, A: Tensor) -> torch.dtype:
@@ -48,7 +48,7 @@ def _forward(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, dropo
     h = torch.mm(x2, A.to(dtype).T).mul_(scaling)
     out2 = out.view(-1, out.shape[-1])
     if out.dtype == dtype:
-        add_product_(out2, h, B.to(dtype).T)
+        add_rank_term_(out2, h, B.to(dtype))
     else:
         out2.add_(torch.mm(h, B.to(dtype).T))
     return h, mask

@@ -7,9 +7,11 @@ several times slower in one layout than the other. Measured on this project's CP
 - g·B and gᵀ·h at ranks 2-11: the transposed call takes 0.3-0.8x the time (gᵀ·h at 768 -> 3072, r=8:
   3.8 -> 1.7 ms). From rank 12 on the plain call is the faster one (r=16: the transposed 1.0-1.7x).
 - grad_hᵀ·x: the plain call is faster up to rank 8 (0.3x), the transposed one from 16 (0.6-0.9x).
-- The two rank-r updates added in place (h·Bᵀ into the output, grad_h·A into the input gradient): the
-  transposed call is as fast or faster at every rank measured (3072 -> 768, r=8: 0.25 -> 0.10 ms).
-x·Aᵀ is fastest as it is. The rule applies to CPU tensors only; other devices' BLAS get the plain call.
+- The rank-r term added into the output in place (out += h·Bᵀ): the transposed call takes 0.7-1.0x the
+  time at ranks 8-64. The input gradient's in-place grad_h·A is not moved: there it took 0.9-1.2x.
+x·Aᵀ is fastest as it is. `bench/bench_rank_products.py` prints both layouts of each product, and which
+one is picked, on the host it runs on. The rule applies to CPU tensors only; other devices' BLAS get the
+plain call.
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ def grad_a(grad_h: Tensor, x: Tensor) -> Tensor:
     return grad_h.T @ x if _narrow(grad_h.shape[1], x) else (x.T @ grad_h).T
 
 
-def add_product_(out: Tensor, left: Tensor, right: Tensor) -> Tensor:
-    """out += left·right in place (2-D, one dtype), on CPU computed as outᵀ += rightᵀ·leftᵀ."""
+def add_rank_term_(out: Tensor, h: Tensor, B: Tensor) -> Tensor:
+    """out += h·Bᵀ in place ((N x out), one dtype): the rank-r term into the base output; outᵀ += B·hᵀ on CPU."""
     if out.device.type == "cpu":
-        out.T.addmm_(right.T, left.T)
+        out.T.addmm_(B, h.T)
     else:
-        out.addmm_(left, right)
+        out.addmm_(h, B.T)
     return out
