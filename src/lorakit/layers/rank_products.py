@@ -7,8 +7,9 @@ several times slower in one layout than the other. Measured on this project's CP
 - g·B and gᵀ·h at ranks 2-11: the transposed call takes 0.3-0.8x the time (gᵀ·h at 768 -> 3072, r=8:
   3.8 -> 1.7 ms). From rank 12 on the plain call is the faster one (r=16: the transposed 1.0-1.7x).
 - grad_hᵀ·x: the plain call is faster up to rank 8 (0.3x), the transposed one from 16 (0.6-0.9x).
-- The rank-r term added into the output in place (out += h·Bᵀ): the transposed call takes 0.7-1.0x the
-  time at ranks 8-64. The input gradient's in-place grad_h·A is not moved: there it took 0.9-1.2x.
+- The rank-r term added into the output in place (out += h·Bᵀ): the transposed call takes 0.72-1.01x the
+  time at rank 8 and is level elsewhere, within the noise. The input gradient's in-place grad_h·A is not
+  moved: there the transposed call took 0.93-1.23x.
 x·Aᵀ is fastest as it is. `bench/bench_rank_products.py` prints both layouts of each product, and which
 one is picked, on the host it runs on. The rule applies to CPU tensors only; other devices' BLAS get the
 plain call.
