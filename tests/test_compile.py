@@ -70,7 +70,7 @@ def test_swapping_adapter_weights_does_not_recompile():
                 for kind in ("lora_A", "lora_B"):
                     getattr(layer, kind)["default"] = nn.Parameter(torch.randn_like(getattr(layer, kind)["default"]))
             # Unit-variance adapters give outputs near 30, and the traced graph need not run the in-place
-            # rank-r add (outᵀ += Bᵀ·hᵀ) as the same BLAS call eager does: float32 round-off, not more.
+            # rank-r add (outᵀ += B·hᵀ) as the same BLAS call eager does: float32 round-off, not more.
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-4)
 
 

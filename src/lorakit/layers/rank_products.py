@@ -4,9 +4,11 @@ A product with a rank-r side can be asked of BLAS as C = L·R or as Cᵀ = Rᵀ�
 small dimension on the other side of the call. MKL, the BLAS of PyTorch's x86 wheels, runs some of these
 several times slower in one layout than the other. Measured on this project's CPU host (AMD EPYC, AVX2, MKL
 2024.2, 2 threads; minima of 40 round-robin calls at GPT-2's 512 x 768 -> 768 / 2304 / 3072 and back):
-- g·B and gᵀ·h at ranks 2-11: the transposed call takes 0.3-0.8x the time (gᵀ·h at 768 -> 3072, r=8:
-  3.8 -> 1.7 ms). From rank 12 on the plain call is the faster one (r=16: the transposed 1.0-1.7x).
-- grad_hᵀ·x: the plain call is faster up to rank 8 (0.3x), the transposed one from 16 (0.6-0.9x).
+- g·B and gᵀ·h at ranks 4-11 (gᵀ·h from 2): the transposed call takes 0.2-0.7x the time (gᵀ·h at
+  768 -> 3072, r=8: 4.7 -> 2.8 ms). From rank 12 on the plain call is the faster one (r=16 and 64: the
+  transposed 1.2-2.0x).
+- grad_hᵀ·x: the plain call is faster up to rank 8 (the transposed 2-5x), the transposed one from 16
+  (0.7-1.0x).
 - The rank-r term added into the output in place (out += h·Bᵀ): the transposed call takes 0.72-1.01x the
   time at rank 8 and is level elsewhere, within the noise. The input gradient's in-place grad_h·A is not
   moved: there the transposed call took 0.93-1.23x.
