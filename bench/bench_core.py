@@ -18,14 +18,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from typing import TYPE_CHECKING
 
 import torch
-from harness import machine, main, select, table, time_median
+from harness import machine, main, round_robin, select, table, time_median
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -164,14 +163,7 @@ def interleaved(args: argparse.Namespace) -> None:
     if "floor" not in names:
         sys.exit("--interleaved needs train_floor among the configurations: every ratio is taken against it")
     built = {name: _training_step(name) for name in names}
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(args.repeats + 1):  # round 0 warms every model up
-        turn = round_ % len(names)
-        for name in names[turn:] + names[:turn]:
-            start = time.perf_counter()
-            built[name][0]()
-            if round_:
-                times[name].append(time.perf_counter() - start)
+    times = round_robin({name: step for name, (step, _) in built.items()}, args.repeats)
     print(f"# bench/bench_core.py --interleaved on {date.today()} ({machine()}); 1-min load average "
           f"{os.getloadavg()[0]:.1f} at the end; {args.repeats} rounds, one step of each configuration per round")
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from datetime import date
 
 import torch
-from harness import add_dtype_argument, compute_dtype, machine, main, table, time_median
+from harness import add_dtype_argument, compute_dtype, machine, main, round_robin, table, time_median
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -107,21 +107,24 @@ def run(config: str, args: argparse.Namespace) -> dict:
 
 
 def interleaved(args: argparse.Namespace) -> None:
-    """Every configuration in this one process, one step of each in turn, so a loaded machine's drift hits all
-    alike (no per-configuration memory figures: the models share the process)."""
+    """Every configuration in this one process, one step of each in turn (the order rotating every round), so a
+    loaded machine's drift hits all alike (no per-configuration memory figures: the models share the process)."""
     torch.set_num_threads(2)
     dtype = compute_dtype(args.dtype)
     built = {name: _build(name, dtype) for name in ("lorakit_lora16", "lorakit_qlora", "peft_bnb_qlora")}
     setups = {name: built["lorakit_qlora" if name.startswith("lorakit_qlora") else name] for name in CONFIGS}
-    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
-    for round_ in range(args.repeats + 1):  # round 0: warm-up (and the compile)
-        for name in CONFIGS:
-            model, step = setups[name][:2]
+
+    def variant_step(name: str) -> Callable[[], None]:
+        model, step = setups[name][:2]
+
+        def run_variant() -> None:
             _set_variant(name, model)
-            start = time.perf_counter()
             step()
-            if round_:
-                times[name].append(time.perf_counter() - start)
+
+        return run_variant
+
+    # the untimed first round pays the compile
+    times = round_robin({name: variant_step(name) for name in CONFIGS}, args.repeats)
     print(f"# bench/bench_qlora.py --interleaved on {date.today()} ({machine()}); 1-min load average "
           f"{os.getloadavg()[0]:.1f} at the end; {dtype}; median of {args.repeats} steps each, taken in turn; "
           f"compile seconds {lk.quant.compiled.compile_seconds()}")

@@ -10,28 +10,14 @@ Run: python bench/bench_rank_products.py [--ranks 4 8 16 64] [--calls 40] [--thr
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
-from harness import machine, table
+from harness import machine, round_robin, table
 
 from lorakit.layers.rank_products import NARROW_RANK
 
 SHAPES = [(512, 768, 2304), (512, 768, 3072), (512, 3072, 768), (544, 576, 576), (544, 576, 192)]
-
-
-def round_robin_minima(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Minimum ms of each call, the calls taking turns so that a drift in host speed hits all alike."""
-    for call in calls.values():
-        call()
-    best = dict.fromkeys(calls, float("inf"))
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            best[name] = min(best[name], 1e3 * (time.perf_counter() - start))
-    return best
 
 
 def products(tokens: int, fan_in: int, fan_out: int, rank: int) -> dict[str, tuple[Callable, Callable, bool]]:
@@ -63,7 +49,8 @@ def main() -> None:
     for rank in args.ranks:
         for tokens, fan_in, fan_out in SHAPES:
             for name, (plain, transposed, picks_transposed) in products(tokens, fan_in, fan_out, rank).items():
-                best = round_robin_minima({"plain": plain, "transposed": transposed}, args.calls)
+                times = round_robin({"plain": plain, "transposed": transposed}, args.calls)
+                best = {name: 1e3 * min(seconds) for name, seconds in times.items()}
                 ratio = best["transposed"] / best["plain"]
                 picked = "transposed" if picks_transposed else "plain"
                 rows.append([rank, f"{tokens} x {fan_in} -> {fan_out}", name, f"{best['plain']:.3f}",

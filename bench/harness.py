@@ -36,6 +36,22 @@ def time_median(step: Callable[[], object], warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def round_robin(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Wall seconds of every call in each of `rounds` rounds, one call of each per round after one untimed
+    round; the order rotates every round, so neither the host's drift nor the place after another call
+    favours one of them."""
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds + 1):  # round 0 warms every call up
+        turn = round_ % len(names)
+        for name in names[turn:] + names[:turn]:
+            start = time.perf_counter()
+            calls[name]()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
